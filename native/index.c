@@ -1,0 +1,1376 @@
+/* prefixlb.index._native: the block-hash chain and the prefix index in C.
+ *
+ * The behaviour is specified by prefixlb/index/_reference.py (read it first); the property
+ * tests require both to give identical matches, evictions, LRU order and counters.
+ *
+ * Layout (all indices are uint32; NIL = UINT32_MAX):
+ *   Entry  (32 B)  one (block hash, replica) pair: the replica's LRU links, the links of the
+ *                  block's holder list, the hash. Allocated from fixed-size chunks with a free
+ *                  list, so memory is bounded by the live entries plus one chunk and is never
+ *                  moved (indices stay valid).
+ *   Slot   (8 B)   open-addressed table keyed by block hash -> head of its holder list. Linear
+ *                  probing with backward-shift deletion (no tombstones). The slot keeps a
+ *                  32-bit tag of the mixed hash: the probe compares tags first, and the tag
+ *                  alone gives the home position, so deletion and resize never touch entries.
+ *   Replica        LRU list head/tail, count, capacity, eviction counter, the external id,
+ *                  and per-match scratch (generation, depth).
+ *
+ * Memory, not arithmetic, is the cost on large indexes (a dependent DRAM miss is ~150 ns on the
+ * development VM), so the hot paths prefetch what they are about to need: lookup() prefetches
+ * each block's home slot while the serial XXH64 chain is computed (the hash loop is latency-
+ * bound and leaves the memory system idle), and insert() walks the victims it is about to
+ * evict once, prefetching their slots, before the sequential loop evicts them. Measured
+ * alternatives that lost are recorded in benchmarks/README.md.
+ *
+ * match() walks the chain from block 0 and, at block k, advances exactly the replicas that held
+ * blocks 0..k-1 and hold k (holder-list walk with a generation mark): O(sum of holders over the
+ * matched blocks), independent of how many replicas the index knows. The matched entries are
+ * collected in walk order and refreshed in reverse, which touches every replica's chain from
+ * tail to head, as the reference does.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "xxh64.h"
+
+#define NIL UINT32_MAX
+#define CHUNK_BITS 12u
+#define CHUNK_SIZE (1u << CHUNK_BITS)
+#define CHUNK_MASK (CHUNK_SIZE - 1u)
+#define MAX_ENTRIES (UINT32_MAX - 2u) /* idx + 1 must fit a slot's head and differ from NIL */
+#define MIN_BITS 8u
+#define MAX_BITS 31u
+#define MIX64 0x9E3779B97F4A7C15ULL
+#define MAX_REPLICA_ID 0xFFFFFFFFULL
+
+#if defined(__GNUC__)
+#define LIKELY(x) __builtin_expect(!!(x), 1)
+#define UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define PREFETCH(p) __builtin_prefetch(p)
+#else
+#define LIKELY(x) (x)
+#define UNLIKELY(x) (x)
+#define PREFETCH(p) ((void)0)
+#endif
+
+/* ===================================================================================== */
+/* Chain: an immutable array of uint64 block hashes (sequence + buffer protocol)          */
+/* ===================================================================================== */
+
+typedef struct {
+    PyObject_VAR_HEAD
+    uint64_t h[1];
+} ChainObject;
+
+static PyTypeObject ChainType;
+
+#define CHAIN_LEN(o) Py_SIZE(o)
+
+static ChainObject *chain_alloc(Py_ssize_t n)
+{
+    ChainObject *c = PyObject_NewVar(ChainObject, &ChainType, n);
+    return c;
+}
+
+static PyObject *chain_tolist(ChainObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t n = CHAIN_LEN(self);
+    PyObject *list = PyList_New(n);
+    if (!list)
+        return NULL;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(self->h[i]);
+        if (!v) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static Py_ssize_t chain_length(ChainObject *self) { return CHAIN_LEN(self); }
+
+static PyObject *chain_item(ChainObject *self, Py_ssize_t i)
+{
+    if (i < 0 || i >= CHAIN_LEN(self)) {
+        PyErr_SetString(PyExc_IndexError, "Chain index out of range");
+        return NULL;
+    }
+    return PyLong_FromUnsignedLongLong(self->h[i]);
+}
+
+static PyObject *chain_subscript(ChainObject *self, PyObject *key)
+{
+    if (PyIndex_Check(key)) {
+        Py_ssize_t i = PyNumber_AsSsize_t(key, PyExc_IndexError);
+        if (i == -1 && PyErr_Occurred())
+            return NULL;
+        if (i < 0)
+            i += CHAIN_LEN(self);
+        return chain_item(self, i);
+    }
+    if (PySlice_Check(key)) {
+        Py_ssize_t start, stop, step;
+        if (PySlice_Unpack(key, &start, &stop, &step) < 0)
+            return NULL;
+        Py_ssize_t n = PySlice_AdjustIndices(CHAIN_LEN(self), &start, &stop, step);
+        ChainObject *out = chain_alloc(n);
+        if (!out)
+            return NULL;
+        for (Py_ssize_t i = 0, j = start; i < n; i++, j += step)
+            out->h[i] = self->h[j];
+        return (PyObject *)out;
+    }
+    PyErr_Format(PyExc_TypeError, "Chain indices must be integers or slices, not %.200s",
+                 Py_TYPE(key)->tp_name);
+    return NULL;
+}
+
+static int chain_getbuffer(ChainObject *self, Py_buffer *view, int flags)
+{
+    if (flags & PyBUF_WRITABLE) {
+        PyErr_SetString(PyExc_BufferError, "Chain is read-only");
+        view->obj = NULL;
+        return -1;
+    }
+    view->obj = Py_NewRef((PyObject *)self);
+    view->buf = self->h;
+    view->len = CHAIN_LEN(self) * (Py_ssize_t)sizeof(uint64_t);
+    view->readonly = 1;
+    view->itemsize = sizeof(uint64_t);
+    view->format = (flags & PyBUF_FORMAT) ? "Q" : NULL;
+    view->ndim = 1;
+    view->shape = (flags & PyBUF_ND) ? &((PyVarObject *)self)->ob_size : NULL;
+    view->strides = (flags & PyBUF_STRIDES) ? &view->itemsize : NULL;
+    view->suboffsets = NULL;
+    view->internal = NULL;
+    return 0;
+}
+
+static PyObject *chain_richcompare(ChainObject *self, PyObject *other, int op)
+{
+    if (op != Py_EQ && op != Py_NE)
+        Py_RETURN_NOTIMPLEMENTED;
+    if (Py_IS_TYPE(other, &ChainType)) {
+        ChainObject *o = (ChainObject *)other;
+        int eq = CHAIN_LEN(self) == CHAIN_LEN(o) &&
+                 memcmp(self->h, o->h, (size_t)CHAIN_LEN(self) * sizeof(uint64_t)) == 0;
+        if (op == Py_NE)
+            eq = !eq;
+        return PyBool_FromLong(eq);
+    }
+    if (!PyList_Check(other) && !PyTuple_Check(other))
+        Py_RETURN_NOTIMPLEMENTED;
+    PyObject *mine = chain_tolist(self, NULL);
+    if (!mine)
+        return NULL;
+    PyObject *theirs = PyList_Check(other) ? Py_NewRef(other) : PySequence_List(other);
+    if (!theirs) {
+        Py_DECREF(mine);
+        return NULL;
+    }
+    PyObject *res = PyObject_RichCompare(mine, theirs, op);
+    Py_DECREF(mine);
+    Py_DECREF(theirs);
+    return res;
+}
+
+static PyObject *chain_repr(ChainObject *self)
+{
+    PyObject *list = chain_tolist(self, NULL);
+    if (!list)
+        return NULL;
+    PyObject *res = PyUnicode_FromFormat("Chain(%R)", list);
+    Py_DECREF(list);
+    return res;
+}
+
+/* Parse a sequence of unsigned 64-bit ints into a freshly malloc'ed array. */
+static int parse_u64_sequence(PyObject *obj, uint64_t **out, Py_ssize_t *n_out);
+
+static PyObject *chain_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    PyObject *iterable = NULL;
+    static char *kwlist[] = {"hashes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|O:Chain", kwlist, &iterable))
+        return NULL;
+    if (!iterable)
+        return (PyObject *)chain_alloc(0);
+    uint64_t *vals = NULL;
+    Py_ssize_t n = 0;
+    if (parse_u64_sequence(iterable, &vals, &n) < 0)
+        return NULL;
+    ChainObject *c = chain_alloc(n);
+    if (c && n)
+        memcpy(c->h, vals, (size_t)n * sizeof(uint64_t));
+    PyMem_Free(vals);
+    return (PyObject *)c;
+}
+
+static PyObject *chain_reduce(ChainObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *list = chain_tolist(self, NULL);
+    if (!list)
+        return NULL;
+    return Py_BuildValue("(O(N))", (PyObject *)Py_TYPE(self), list);
+}
+
+static PyMethodDef chain_methods[] = {
+    {"tolist", (PyCFunction)chain_tolist, METH_NOARGS, "The hashes as a list of ints."},
+    {"__reduce__", (PyCFunction)chain_reduce, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods chain_as_sequence = {
+    .sq_length = (lenfunc)chain_length,
+    .sq_item = (ssizeargfunc)chain_item,
+};
+
+static PyMappingMethods chain_as_mapping = {
+    .mp_length = (lenfunc)chain_length,
+    .mp_subscript = (binaryfunc)chain_subscript,
+};
+
+static PyBufferProcs chain_as_buffer = {
+    .bf_getbuffer = (getbufferproc)chain_getbuffer,
+    .bf_releasebuffer = NULL,
+};
+
+static PyTypeObject ChainType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prefixlb.index._native.Chain",
+    .tp_basicsize = offsetof(ChainObject, h),
+    .tp_itemsize = sizeof(uint64_t),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Chain(hashes=())\n--\n\nAn immutable array of unsigned 64-bit block hashes "
+              "(sequence and buffer protocol, format 'Q').",
+    .tp_new = chain_new,
+    .tp_repr = (reprfunc)chain_repr,
+    .tp_richcompare = (richcmpfunc)chain_richcompare,
+    .tp_hash = PyObject_HashNotImplemented,
+    .tp_methods = chain_methods,
+    .tp_as_sequence = &chain_as_sequence,
+    .tp_as_mapping = &chain_as_mapping,
+    .tp_as_buffer = &chain_as_buffer,
+};
+
+/* ===================================================================================== */
+/* Argument parsing shared by the functions and methods                                  */
+/* ===================================================================================== */
+
+static int bad_hash_value(PyObject *item)
+{
+    PyErr_Format(PyExc_ValueError, "block hashes must be unsigned 64-bit integers, got %R", item);
+    return -1;
+}
+
+static int parse_u64_sequence(PyObject *obj, uint64_t **out, Py_ssize_t *n_out)
+{
+    PyObject *seq = PySequence_Fast(obj, "block hashes must be an iterable of ints");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    uint64_t *vals = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint64_t));
+    if (!vals) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *it = items[i];
+        if (PyBool_Check(it) || !PyLong_Check(it)) {
+            bad_hash_value(it);
+            goto fail;
+        }
+        unsigned long long v = PyLong_AsUnsignedLongLong(it);
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            bad_hash_value(it);
+            goto fail;
+        }
+        vals[i] = (uint64_t)v;
+    }
+    Py_DECREF(seq);
+    *out = vals;
+    *n_out = n;
+    return 0;
+fail:
+    Py_DECREF(seq);
+    PyMem_Free(vals);
+    return -1;
+}
+
+/* A view of block hashes given as a Chain, a uint64 buffer (array('Q')) or any iterable. */
+typedef struct {
+    const uint64_t *h;
+    Py_ssize_t n;
+    uint64_t *owned;
+    Py_buffer view;
+    int has_view;
+} HashArg;
+
+static int is_u64_format(const char *fmt)
+{
+    if (!fmt)
+        return 0;
+    if (*fmt == '@' || *fmt == '=' || *fmt == '<')
+        fmt++;
+    return (fmt[0] == 'Q' || fmt[0] == 'L') && fmt[1] == '\0';
+}
+
+static int hasharg_get(PyObject *obj, HashArg *a)
+{
+    memset(a, 0, sizeof *a);
+    if (Py_IS_TYPE(obj, &ChainType)) {
+        a->h = ((ChainObject *)obj)->h;
+        a->n = CHAIN_LEN(obj);
+        return 0;
+    }
+    if (PyObject_CheckBuffer(obj) && !PyBytes_Check(obj) && !PyByteArray_Check(obj)) {
+        if (PyObject_GetBuffer(obj, &a->view, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) == 0) {
+            if (a->view.itemsize == 8 && a->view.ndim == 1 && is_u64_format(a->view.format)) {
+                a->has_view = 1;
+                a->h = (const uint64_t *)a->view.buf;
+                a->n = a->view.len / 8;
+                return 0;
+            }
+            PyBuffer_Release(&a->view);
+        } else {
+            PyErr_Clear();
+        }
+    }
+    if (parse_u64_sequence(obj, &a->owned, &a->n) < 0)
+        return -1;
+    a->h = a->owned;
+    return 0;
+}
+
+static void hasharg_release(HashArg *a)
+{
+    if (a->has_view)
+        PyBuffer_Release(&a->view);
+    PyMem_Free(a->owned);
+    a->owned = NULL;
+    a->has_view = 0;
+}
+
+static int parse_hash_args(PyObject *bs_obj, PyObject *seed_obj, Py_ssize_t *bs, uint64_t *seed)
+{
+    *bs = 64;
+    *seed = 0;
+    if (bs_obj) {
+        if (!PyLong_Check(bs_obj)) {
+            PyErr_Format(PyExc_ValueError, "block_size must be a positive integer, got %R", bs_obj);
+            return -1;
+        }
+        Py_ssize_t v = PyLong_AsSsize_t(bs_obj);
+        if ((v == -1 && PyErr_Occurred()) || v < 1) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "block_size must be a positive integer, got %R", bs_obj);
+            return -1;
+        }
+        *bs = v;
+    }
+    if (seed_obj) {
+        unsigned long long v = 0;
+        if (PyLong_Check(seed_obj))
+            v = PyLong_AsUnsignedLongLong(seed_obj);
+        if (!PyLong_Check(seed_obj) || (v == (unsigned long long)-1 && PyErr_Occurred())) {
+            PyErr_Clear();
+            PyErr_Format(PyExc_ValueError, "seed must be an unsigned 64-bit integer, got %R", seed_obj);
+            return -1;
+        }
+        *seed = (uint64_t)v;
+    }
+    return 0;
+}
+
+struct IndexObject_;
+static void prefetch_home(struct IndexObject_ *ix, uint64_t h);
+
+/* Hash the full blocks of `data` into a new Chain. With `ix`, also prefetch each block's home
+ * slot, so the match that follows finds its slots in cache. */
+static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *seed_obj,
+                                    struct IndexObject_ *ix)
+{
+    Py_ssize_t bs;
+    uint64_t h;
+    if (parse_hash_args(bs_obj, seed_obj, &bs, &h) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    Py_ssize_t n = view.len / bs;
+    ChainObject *c = chain_alloc(n);
+    if (c) {
+        const unsigned char *p = view.buf;
+        if (ix) {
+            for (Py_ssize_t i = 0; i < n; i++, p += bs) {
+                h = plb_xxh64(p, (size_t)bs, h);
+                c->h[i] = h;
+                prefetch_home(ix, h);
+            }
+        } else {
+            for (Py_ssize_t i = 0; i < n; i++, p += bs) {
+                h = plb_xxh64(p, (size_t)bs, h);
+                c->h[i] = h;
+            }
+        }
+    }
+    PyBuffer_Release(&view);
+    return c;
+}
+
+static int parse_replica_id(PyObject *obj, uint32_t *out)
+{
+    if (PyBool_Check(obj) || !PyLong_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "replica id must be an int, got %.200s", Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    unsigned long long v = PyLong_AsUnsignedLongLong(obj);
+    if ((v == (unsigned long long)-1 && PyErr_Occurred()) || v > MAX_REPLICA_ID) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "replica id must be in [0, 2**32), got %R", obj);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+static int parse_capacity(PyObject *obj, uint32_t *out)
+{
+    if (PyBool_Check(obj) || !PyLong_Check(obj)) {
+        PyErr_SetString(PyExc_TypeError, "capacity_blocks must be an int");
+        return -1;
+    }
+    long long v = PyLong_AsLongLong(obj);
+    if ((v == -1 && PyErr_Occurred()) || v < 1 || (unsigned long long)v > 0xFFFFFFFFULL) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_ValueError, "capacity_blocks must be in [1, 2**32), got %R", obj);
+        return -1;
+    }
+    *out = (uint32_t)v;
+    return 0;
+}
+
+/* ===================================================================================== */
+/* The index                                                                             */
+/* ===================================================================================== */
+
+typedef struct {
+    uint64_t hash;
+    uint32_t lru_prev, lru_next;   /* within the replica's LRU list (free list uses lru_next) */
+    uint32_t hold_prev, hold_next; /* within the block's holder list */
+    uint32_t rep;                  /* internal replica slot */
+    uint32_t aux;                  /* reserved (speculative / medium flags) */
+} Entry;
+
+typedef struct {
+    uint32_t tag;  /* high 32 bits of hash * MIX64: home position and probe filter */
+    uint32_t head; /* first holder entry + 1; 0 = empty slot */
+} Slot;
+
+typedef struct {
+    PyObject *id;      /* exact int; NULL when this slot is free */
+    uint32_t lru_head; /* least recently used */
+    uint32_t lru_tail; /* most recently used */
+    uint32_t count;
+    uint32_t capacity;
+    uint64_t evictions;
+    uint32_t gen;   /* match scratch: generation of `depth` */
+    uint32_t depth; /* match scratch: leading blocks held */
+    uint32_t next_free;
+} Replica;
+
+typedef struct IndexObject_ {
+    PyObject_HEAD
+    /* entry pool */
+    Entry **chunks;
+    uint32_t nchunks, chunks_cap;
+    uint32_t n_handed; /* entries ever handed out from chunks (the rest are untouched) */
+    uint32_t free_head;
+    uint64_t n_entries;
+    /* block table */
+    Slot *slots;
+    uint32_t bits;
+    uint64_t n_used;
+    /* replicas */
+    Replica *reps;
+    uint32_t n_reps, reps_cap, free_rep;
+    PyObject *idmap; /* dict: external id (int) -> internal slot (int), in first-seen order */
+    uint32_t default_capacity;
+    uint64_t evictions;
+    uint32_t gen;
+    /* match scratch: entries matched, in walk order */
+    uint32_t *scratch;
+    size_t scratch_cap;
+} IndexObject;
+
+static inline Entry *E(IndexObject *ix, uint32_t i) { return &ix->chunks[i >> CHUNK_BITS][i & CHUNK_MASK]; }
+
+static inline uint32_t tag_of(uint64_t h) { return (uint32_t)((h * MIX64) >> 32); }
+static inline uint32_t home_of(uint32_t tag, uint32_t bits) { return tag >> (32u - bits); }
+
+/* ---- entry pool ---------------------------------------------------------------------- */
+
+static uint32_t entry_alloc(IndexObject *ix)
+{
+    if (ix->free_head != NIL) {
+        uint32_t i = ix->free_head;
+        ix->free_head = E(ix, i)->lru_next;
+        return i;
+    }
+    if (UNLIKELY(ix->n_handed >= MAX_ENTRIES)) {
+        PyErr_SetString(PyExc_MemoryError, "prefix index entry limit reached");
+        return NIL;
+    }
+    if (ix->n_handed == ix->nchunks * CHUNK_SIZE) {
+        if (ix->nchunks == ix->chunks_cap) {
+            uint32_t cap = ix->chunks_cap ? ix->chunks_cap * 2 : 16;
+            Entry **c = PyMem_Realloc(ix->chunks, (size_t)cap * sizeof(Entry *));
+            if (!c) {
+                PyErr_NoMemory();
+                return NIL;
+            }
+            ix->chunks = c;
+            ix->chunks_cap = cap;
+        }
+        Entry *chunk = PyMem_Malloc(CHUNK_SIZE * sizeof(Entry));
+        if (!chunk) {
+            PyErr_NoMemory();
+            return NIL;
+        }
+        ix->chunks[ix->nchunks++] = chunk;
+    }
+    return ix->n_handed++;
+}
+
+static inline void entry_free(IndexObject *ix, uint32_t i)
+{
+    E(ix, i)->lru_next = ix->free_head;
+    ix->free_head = i;
+}
+
+/* ---- block table --------------------------------------------------------------------- */
+
+static inline uint32_t slot_find(IndexObject *ix, uint64_t h)
+{
+    const uint32_t tag = tag_of(h);
+    const uint32_t mask = (1u << ix->bits) - 1u;
+    uint32_t i = home_of(tag, ix->bits);
+    for (;;) {
+        Slot s = ix->slots[i];
+        if (s.head == 0)
+            return NIL;
+        if (s.tag == tag && E(ix, s.head - 1)->hash == h)
+            return i;
+        i = (i + 1) & mask;
+    }
+}
+
+static int table_resize(IndexObject *ix, uint32_t bits)
+{
+    size_t size = (size_t)1 << bits;
+    Slot *ns = PyMem_Calloc(size, sizeof(Slot));
+    if (!ns) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    const uint32_t mask = (uint32_t)size - 1u;
+    size_t old = (size_t)1 << ix->bits;
+    for (size_t j = 0; j < old; j++) {
+        Slot s = ix->slots[j];
+        if (!s.head)
+            continue;
+        uint32_t i = home_of(s.tag, bits);
+        while (ns[i].head)
+            i = (i + 1) & mask;
+        ns[i] = s;
+    }
+    PyMem_Free(ix->slots);
+    ix->slots = ns;
+    ix->bits = bits;
+    return 0;
+}
+
+/* Place a new block whose only holder is entry `e` (the block must not be present). */
+static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
+{
+    size_t size = (size_t)1 << ix->bits;
+    if ((ix->n_used + 1) * 4 > size * 3) {
+        if (ix->bits >= MAX_BITS) {
+            PyErr_SetString(PyExc_MemoryError, "prefix index block table is full");
+            return -1;
+        }
+        if (table_resize(ix, ix->bits + 1) < 0)
+            return -1;
+    }
+    const uint32_t tag = tag_of(h);
+    const uint32_t mask = (1u << ix->bits) - 1u;
+    uint32_t i = home_of(tag, ix->bits);
+    while (ix->slots[i].head)
+        i = (i + 1) & mask;
+    ix->slots[i].tag = tag;
+    ix->slots[i].head = e + 1;
+    ix->n_used++;
+    return 0;
+}
+
+/* Backward-shift deletion: keeps every probe sequence unbroken without tombstones. */
+static void slot_delete(IndexObject *ix, uint32_t i)
+{
+    const uint32_t mask = (1u << ix->bits) - 1u;
+    uint32_t j = i;
+    for (;;) {
+        j = (j + 1) & mask;
+        Slot s = ix->slots[j];
+        if (!s.head)
+            break;
+        uint32_t k = home_of(s.tag, ix->bits);
+        /* s may move to the hole at i unless its home lies cyclically in (i, j] */
+        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
+        if (!stays) {
+            ix->slots[i] = s;
+            i = j;
+        }
+    }
+    ix->slots[i].head = 0;
+    ix->slots[i].tag = 0;
+    ix->n_used--;
+}
+
+static void table_maybe_shrink(IndexObject *ix)
+{
+    uint32_t bits = MIN_BITS;
+    while (bits < ix->bits && ix->n_used * 2 > ((uint64_t)1 << bits))
+        bits++;
+    if (bits + 1 < ix->bits) {
+        if (table_resize(ix, bits) < 0)
+            PyErr_Clear(); /* keeping the larger table is always correct */
+    }
+}
+
+/* ---- holder lists -------------------------------------------------------------------- */
+
+static inline void hold_push(IndexObject *ix, uint32_t slot, uint32_t e)
+{
+    uint32_t next = ix->slots[slot].head - 1; /* NIL-compatible: head 0 never happens here */
+    Entry *en = E(ix, e);
+    en->hold_prev = NIL;
+    en->hold_next = next;
+    E(ix, next)->hold_prev = e;
+    ix->slots[slot].head = e + 1;
+}
+
+static void hold_unlink(IndexObject *ix, uint32_t e)
+{
+    Entry *en = E(ix, e);
+    if (en->hold_prev != NIL) {
+        E(ix, en->hold_prev)->hold_next = en->hold_next;
+        if (en->hold_next != NIL)
+            E(ix, en->hold_next)->hold_prev = en->hold_prev;
+        return;
+    }
+    uint32_t slot = slot_find(ix, en->hash); /* e heads its block's list */
+    if (en->hold_next == NIL) {
+        slot_delete(ix, slot);
+    } else {
+        E(ix, en->hold_next)->hold_prev = NIL;
+        ix->slots[slot].head = en->hold_next + 1;
+    }
+}
+
+static inline uint32_t hold_find(IndexObject *ix, uint32_t slot, uint32_t rep)
+{
+    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next)
+        if (E(ix, e)->rep == rep)
+            return e;
+    return NIL;
+}
+
+/* ---- LRU lists ----------------------------------------------------------------------- */
+
+static inline void lru_unlink(IndexObject *ix, Replica *r, uint32_t e)
+{
+    Entry *en = E(ix, e);
+    if (en->lru_prev != NIL)
+        E(ix, en->lru_prev)->lru_next = en->lru_next;
+    else
+        r->lru_head = en->lru_next;
+    if (en->lru_next != NIL)
+        E(ix, en->lru_next)->lru_prev = en->lru_prev;
+    else
+        r->lru_tail = en->lru_prev;
+}
+
+static inline void lru_append(IndexObject *ix, Replica *r, uint32_t e)
+{
+    Entry *en = E(ix, e);
+    en->lru_prev = r->lru_tail;
+    en->lru_next = NIL;
+    if (r->lru_tail != NIL)
+        E(ix, r->lru_tail)->lru_next = e;
+    else
+        r->lru_head = e;
+    r->lru_tail = e;
+}
+
+static inline void lru_touch(IndexObject *ix, Replica *r, uint32_t e)
+{
+    if (r->lru_tail == e)
+        return;
+    lru_unlink(ix, r, e);
+    lru_append(ix, r, e);
+}
+
+/* Drop entry e of replica slot `rep` from every structure. */
+static void entry_drop(IndexObject *ix, uint32_t rep, uint32_t e)
+{
+    Replica *r = &ix->reps[rep];
+    lru_unlink(ix, r, e);
+    hold_unlink(ix, e);
+    entry_free(ix, e);
+    r->count--;
+    ix->n_entries--;
+}
+
+static void evict_one(IndexObject *ix, uint32_t rep)
+{
+    Replica *r = &ix->reps[rep];
+    entry_drop(ix, rep, r->lru_head);
+    r->evictions++;
+    ix->evictions++;
+}
+
+/* ---- replicas ------------------------------------------------------------------------ */
+
+/* Internal slot of an already-validated external id, or NIL if unknown (no error set). */
+static uint32_t rep_lookup(IndexObject *ix, PyObject *id)
+{
+    PyObject *v = PyDict_GetItemWithError(ix->idmap, id);
+    if (!v)
+        return NIL;
+    return (uint32_t)PyLong_AsUnsignedLong(v);
+}
+
+static uint32_t rep_get_or_create(IndexObject *ix, PyObject *id_obj)
+{
+    uint32_t id;
+    if (parse_replica_id(id_obj, &id) < 0)
+        return NIL;
+    PyObject *key = PyLong_FromUnsignedLong(id);
+    if (!key)
+        return NIL;
+    uint32_t slot = rep_lookup(ix, key);
+    if (slot != NIL || PyErr_Occurred()) {
+        Py_DECREF(key);
+        return slot;
+    }
+    if (ix->free_rep != NIL) {
+        slot = ix->free_rep;
+        ix->free_rep = ix->reps[slot].next_free;
+    } else {
+        if (ix->n_reps == ix->reps_cap) {
+            uint32_t cap = ix->reps_cap ? ix->reps_cap * 2 : 16;
+            Replica *nr = PyMem_Realloc(ix->reps, (size_t)cap * sizeof(Replica));
+            if (!nr) {
+                Py_DECREF(key);
+                PyErr_NoMemory();
+                return NIL;
+            }
+            ix->reps = nr;
+            ix->reps_cap = cap;
+        }
+        slot = ix->n_reps++;
+    }
+    PyObject *slot_obj = PyLong_FromUnsignedLong(slot);
+    if (!slot_obj || PyDict_SetItem(ix->idmap, key, slot_obj) < 0) {
+        Py_XDECREF(slot_obj);
+        Py_DECREF(key);
+        ix->reps[slot].id = NULL;
+        ix->reps[slot].next_free = ix->free_rep;
+        ix->free_rep = slot;
+        return NIL;
+    }
+    Py_DECREF(slot_obj);
+    Replica *r = &ix->reps[slot];
+    r->id = key; /* owns the reference */
+    r->lru_head = r->lru_tail = NIL;
+    r->count = 0;
+    r->capacity = ix->default_capacity;
+    r->evictions = 0;
+    r->gen = 0;
+    r->depth = 0;
+    r->next_free = NIL;
+    return slot;
+}
+
+/* Validated lookup for methods that do not create: NIL + no error when unknown. */
+static int rep_find(IndexObject *ix, PyObject *id_obj, uint32_t *slot)
+{
+    uint32_t id;
+    if (parse_replica_id(id_obj, &id) < 0)
+        return -1;
+    PyObject *key = PyLong_FromUnsignedLong(id);
+    if (!key)
+        return -1;
+    *slot = rep_lookup(ix, key);
+    Py_DECREF(key);
+    return PyErr_Occurred() ? -1 : 0;
+}
+
+static uint32_t rep_clear(IndexObject *ix, uint32_t rep)
+{
+    Replica *r = &ix->reps[rep];
+    uint32_t n = 0;
+    while (r->lru_head != NIL) {
+        entry_drop(ix, rep, r->lru_head);
+        n++;
+    }
+    return n;
+}
+
+/* ---- core operations ----------------------------------------------------------------- */
+
+static int scratch_push(IndexObject *ix, size_t *ns, uint32_t e)
+{
+    if (UNLIKELY(*ns == ix->scratch_cap)) {
+        size_t cap = ix->scratch_cap ? ix->scratch_cap * 2 : 256;
+        uint32_t *s = PyMem_Realloc(ix->scratch, cap * sizeof(uint32_t));
+        if (!s) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        ix->scratch = s;
+        ix->scratch_cap = cap;
+    }
+    ix->scratch[(*ns)++] = e;
+    return 0;
+}
+
+/* Prefetch block h's home slot (where a probe for h starts). */
+static void prefetch_home(IndexObject *ix, uint64_t h)
+{
+    PREFETCH(&ix->slots[home_of(tag_of(h), ix->bits)]);
+}
+
+static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n)
+{
+    PyObject *res = PyDict_New();
+    if (!res || n == 0 || ix->n_used == 0)
+        return res;
+    if (++ix->gen == 0) { /* wrapped: forget every stale mark */
+        for (uint32_t i = 0; i < ix->n_reps; i++)
+            ix->reps[i].gen = 0;
+        ix->gen = 1;
+    }
+    const uint32_t gen = ix->gen;
+    size_t ns = 0;
+
+    uint32_t slot = slot_find(ix, h[0]);
+    if (slot == NIL)
+        return res;
+    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
+        Replica *r = &ix->reps[E(ix, e)->rep];
+        r->gen = gen;
+        r->depth = 1;
+        if (scratch_push(ix, &ns, e) < 0)
+            goto fail;
+    }
+    const size_t n0 = ns;
+    for (Py_ssize_t k = 1; k < n; k++) {
+        if (k + 4 < n)
+            prefetch_home(ix, h[k + 4]);
+        slot = slot_find(ix, h[k]);
+        if (slot == NIL)
+            break;
+        uint32_t alive = 0;
+        for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
+            Replica *r = &ix->reps[E(ix, e)->rep];
+            if (r->gen == gen && r->depth == (uint32_t)k) {
+                r->depth = (uint32_t)k + 1;
+                alive++;
+                if (scratch_push(ix, &ns, e) < 0)
+                    goto fail;
+            }
+        }
+        if (!alive)
+            break;
+    }
+    for (size_t j = 0; j < n0; j++) {
+        Replica *r = &ix->reps[E(ix, ix->scratch[j])->rep];
+        PyObject *d = PyLong_FromUnsignedLong(r->depth);
+        if (!d || PyDict_SetItem(res, r->id, d) < 0) {
+            Py_XDECREF(d);
+            goto fail;
+        }
+        Py_DECREF(d);
+    }
+    /* refresh: reverse walk order = each replica's chain from tail to head */
+    for (size_t j = ns; j-- > 0;) {
+        uint32_t e = ix->scratch[j];
+        lru_touch(ix, &ix->reps[E(ix, e)->rep], e);
+    }
+    return res;
+fail:
+    Py_DECREF(res);
+    return NULL;
+}
+
+static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t n)
+{
+    int walked = 0;
+    for (Py_ssize_t k = n - 1; k >= 0; k--) {
+        if (k >= 4)
+            prefetch_home(ix, h[k - 4]);
+        const uint64_t hk = h[k];
+        uint32_t slot = slot_find(ix, hk);
+        if (slot != NIL) {
+            uint32_t e = hold_find(ix, slot, rep);
+            if (e != NIL) {
+                lru_touch(ix, &ix->reps[rep], e);
+                continue;
+            }
+        }
+        if (ix->reps[rep].count >= ix->reps[rep].capacity) {
+            if (!walked) {
+                /* about to evict up to k+1 entries from the LRU head: walk them once and
+                 * prefetch their slots so the evictions below find them in cache */
+                walked = 1;
+                uint32_t v = ix->reps[rep].lru_head;
+                for (Py_ssize_t i = 0; i <= k && i < 256 && v != NIL; i++) {
+                    const Entry *en = E(ix, v);
+                    PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
+                    v = en->lru_next;
+                }
+            }
+            evict_one(ix, rep);
+            slot = slot_find(ix, hk); /* deletion may have shifted slots */
+        }
+        uint32_t e = entry_alloc(ix);
+        if (e == NIL)
+            return -1;
+        Entry *en = E(ix, e);
+        en->hash = hk;
+        en->rep = rep;
+        en->aux = 0;
+        if (slot != NIL) {
+            hold_push(ix, slot, e);
+        } else {
+            en->hold_prev = en->hold_next = NIL;
+            if (slot_insert(ix, hk, e) < 0) {
+                entry_free(ix, e);
+                return -1;
+            }
+        }
+        lru_append(ix, &ix->reps[rep], e);
+        ix->reps[rep].count++;
+        ix->n_entries++;
+    }
+    return 0;
+}
+
+/* ---- Python methods ------------------------------------------------------------------ */
+
+static PyTypeObject IndexType;
+
+static int index_init(IndexObject *self, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"capacity_blocks", NULL};
+    PyObject *cap_obj;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O:PrefixIndexC", kwlist, &cap_obj))
+        return -1;
+    uint32_t cap;
+    if (parse_capacity(cap_obj, &cap) < 0)
+        return -1;
+    if (self->idmap) {
+        PyErr_SetString(PyExc_RuntimeError, "PrefixIndexC is already initialised");
+        return -1;
+    }
+    self->idmap = PyDict_New();
+    if (!self->idmap)
+        return -1;
+    self->slots = PyMem_Calloc((size_t)1 << MIN_BITS, sizeof(Slot));
+    if (!self->slots) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->bits = MIN_BITS;
+    self->free_head = NIL;
+    self->free_rep = NIL;
+    self->default_capacity = cap;
+    return 0;
+}
+
+static void index_dealloc(IndexObject *self)
+{
+    for (uint32_t i = 0; i < self->n_reps; i++)
+        Py_XDECREF(self->reps[i].id);
+    for (uint32_t c = 0; c < self->nchunks; c++)
+        PyMem_Free(self->chunks[c]);
+    PyMem_Free(self->chunks);
+    PyMem_Free(self->slots);
+    PyMem_Free(self->reps);
+    PyMem_Free(self->scratch);
+    Py_XDECREF(self->idmap);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+#define CHECK_INIT(self, ret)                                                     \
+    do {                                                                          \
+        if (UNLIKELY(!(self)->idmap)) {                                           \
+            PyErr_SetString(PyExc_RuntimeError, "PrefixIndexC was not initialised"); \
+            return ret;                                                           \
+        }                                                                         \
+    } while (0)
+
+static PyObject *index_match(IndexObject *self, PyObject *hashes)
+{
+    CHECK_INIT(self, NULL);
+    HashArg a;
+    if (hasharg_get(hashes, &a) < 0)
+        return NULL;
+    PyObject *res = match_impl(self, a.h, a.n);
+    hasharg_release(&a);
+    return res;
+}
+
+static PyObject *index_lookup(IndexObject *self, PyObject *args, PyObject *kwds)
+{
+    CHECK_INIT(self, NULL);
+    static char *kwlist[] = {"data", "block_size", "seed", NULL};
+    PyObject *data, *bs = NULL, *seed = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:lookup", kwlist, &data, &bs, &seed))
+        return NULL;
+    ChainObject *c = chain_from_data(data, bs, seed, self);
+    if (!c)
+        return NULL;
+    PyObject *m = match_impl(self, c->h, CHAIN_LEN(c));
+    if (!m) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    return Py_BuildValue("(NN)", (PyObject *)c, m);
+}
+
+static PyObject *index_insert(IndexObject *self, PyObject *args)
+{
+    CHECK_INIT(self, NULL);
+    PyObject *rep_obj, *hashes;
+    if (!PyArg_ParseTuple(args, "OO:insert", &rep_obj, &hashes))
+        return NULL;
+    HashArg a;
+    if (hasharg_get(hashes, &a) < 0)
+        return NULL;
+    uint32_t rep = rep_get_or_create(self, rep_obj);
+    int rc = rep == NIL ? -1 : insert_impl(self, rep, a.h, a.n);
+    hasharg_release(&a);
+    if (rc < 0)
+        return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *index_remove_blocks(IndexObject *self, PyObject *args)
+{
+    CHECK_INIT(self, NULL);
+    PyObject *rep_obj, *hashes;
+    if (!PyArg_ParseTuple(args, "OO:remove_blocks", &rep_obj, &hashes))
+        return NULL;
+    uint32_t rep;
+    if (rep_find(self, rep_obj, &rep) < 0)
+        return NULL;
+    if (rep == NIL)
+        return PyLong_FromLong(0);
+    HashArg a;
+    if (hasharg_get(hashes, &a) < 0)
+        return NULL;
+    uint32_t removed = 0;
+    for (Py_ssize_t k = 0; k < a.n; k++) {
+        uint32_t slot = slot_find(self, a.h[k]);
+        if (slot == NIL)
+            continue;
+        uint32_t e = hold_find(self, slot, rep);
+        if (e == NIL)
+            continue;
+        entry_drop(self, rep, e);
+        removed++;
+    }
+    hasharg_release(&a);
+    return PyLong_FromUnsignedLong(removed);
+}
+
+static PyObject *index_clear_replica(IndexObject *self, PyObject *rep_obj)
+{
+    CHECK_INIT(self, NULL);
+    uint32_t rep;
+    if (rep_find(self, rep_obj, &rep) < 0)
+        return NULL;
+    if (rep == NIL)
+        return PyLong_FromLong(0);
+    uint32_t n = rep_clear(self, rep);
+    table_maybe_shrink(self);
+    return PyLong_FromUnsignedLong(n);
+}
+
+static PyObject *index_remove_replica(IndexObject *self, PyObject *rep_obj)
+{
+    CHECK_INIT(self, NULL);
+    uint32_t rep;
+    if (rep_find(self, rep_obj, &rep) < 0)
+        return NULL;
+    if (rep == NIL)
+        return PyLong_FromLong(0);
+    uint32_t n = rep_clear(self, rep);
+    Replica *r = &self->reps[rep];
+    if (PyDict_DelItem(self->idmap, r->id) < 0)
+        return NULL;
+    Py_CLEAR(r->id);
+    r->next_free = self->free_rep;
+    self->free_rep = rep;
+    table_maybe_shrink(self);
+    return PyLong_FromUnsignedLong(n);
+}
+
+static PyObject *index_set_capacity(IndexObject *self, PyObject *args)
+{
+    CHECK_INIT(self, NULL);
+    PyObject *rep_obj, *cap_obj;
+    if (!PyArg_ParseTuple(args, "OO:set_capacity", &rep_obj, &cap_obj))
+        return NULL;
+    uint32_t cap;
+    if (parse_capacity(cap_obj, &cap) < 0)
+        return NULL;
+    uint32_t rep = rep_get_or_create(self, rep_obj);
+    if (rep == NIL)
+        return NULL;
+    self->reps[rep].capacity = cap;
+    while (self->reps[rep].count > cap)
+        evict_one(self, rep);
+    Py_RETURN_NONE;
+}
+
+static PyObject *index_blocks(IndexObject *self, PyObject *rep_obj)
+{
+    CHECK_INIT(self, NULL);
+    uint32_t rep;
+    if (rep_find(self, rep_obj, &rep) < 0)
+        return NULL;
+    if (rep == NIL)
+        return PyList_New(0);
+    Replica *r = &self->reps[rep];
+    PyObject *list = PyList_New(r->count);
+    if (!list)
+        return NULL;
+    Py_ssize_t i = 0;
+    for (uint32_t e = r->lru_head; e != NIL; e = E(self, e)->lru_next, i++) {
+        PyObject *v = PyLong_FromUnsignedLongLong(E(self, e)->hash);
+        if (!v) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, i, v);
+    }
+    return list;
+}
+
+static PyObject *index_replicas(IndexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    return PyDict_Keys(self->idmap);
+}
+
+static PyObject *index_capacity(IndexObject *self, PyObject *rep_obj)
+{
+    CHECK_INIT(self, NULL);
+    uint32_t rep;
+    if (rep_find(self, rep_obj, &rep) < 0)
+        return NULL;
+    return PyLong_FromUnsignedLong(rep == NIL ? self->default_capacity : self->reps[rep].capacity);
+}
+
+static size_t index_bytes(IndexObject *self)
+{
+    return sizeof(IndexObject) + (size_t)self->nchunks * CHUNK_SIZE * sizeof(Entry) +
+           (size_t)self->chunks_cap * sizeof(Entry *) + ((size_t)1 << self->bits) * sizeof(Slot) +
+           (size_t)self->reps_cap * sizeof(Replica) + self->scratch_cap * sizeof(uint32_t);
+}
+
+static PyObject *index_stats(IndexObject *self, PyObject *Py_UNUSED(ignored))
+{
+    CHECK_INIT(self, NULL);
+    PyObject *per = PyDict_New();
+    if (!per)
+        return NULL;
+    Py_ssize_t pos = 0;
+    PyObject *key, *val;
+    while (PyDict_Next(self->idmap, &pos, &key, &val)) {
+        Replica *r = &self->reps[PyLong_AsUnsignedLong(val)];
+        PyObject *d = Py_BuildValue("{sIsIsK}", "blocks", r->count, "capacity", r->capacity,
+                                    "evictions", (unsigned long long)r->evictions);
+        if (!d || PyDict_SetItem(per, key, d) < 0) {
+            Py_XDECREF(d);
+            Py_DECREF(per);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    return Py_BuildValue("{sssnsKsKsKsnsIsN}", "implementation", "c", "replicas",
+                         PyDict_GET_SIZE(self->idmap), "entries",
+                         (unsigned long long)self->n_entries, "unique_blocks",
+                         (unsigned long long)self->n_used, "evictions",
+                         (unsigned long long)self->evictions, "bytes", (Py_ssize_t)index_bytes(self),
+                         "capacity_blocks", self->default_capacity, "per_replica", per);
+}
+
+static Py_ssize_t index_len(IndexObject *self)
+{
+    return (Py_ssize_t)self->n_entries;
+}
+
+static int index_contains(IndexObject *self, PyObject *key)
+{
+    if (!self->idmap)
+        return 0;
+    return PyDict_Contains(self->idmap, key);
+}
+
+static PyObject *index_get_capacity_blocks(IndexObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromUnsignedLong(self->default_capacity);
+}
+
+static PyObject *index_get_native(IndexObject *self, void *Py_UNUSED(closure)) { Py_RETURN_TRUE; }
+
+static PyMethodDef index_methods[] = {
+    {"match", (PyCFunction)index_match, METH_O,
+     "match(hashes) -> dict\n--\n\n{replica: leading blocks held} for replicas holding block 0; "
+     "refreshes what it reports, tail first."},
+    {"lookup", (PyCFunction)(void (*)(void))index_lookup, METH_VARARGS | METH_KEYWORDS,
+     "lookup(data, block_size=64, seed=0) -> (Chain, dict)\n--\n\nHash data into its block "
+     "chain and match it, in one call."},
+    {"insert", (PyCFunction)index_insert, METH_VARARGS,
+     "insert(replica, hashes)\n--\n\nRecord that replica now holds the whole chain (touched "
+     "tail first, evicting its least recently used blocks beyond its capacity)."},
+    {"remove_blocks", (PyCFunction)index_remove_blocks, METH_VARARGS,
+     "remove_blocks(replica, hashes) -> int\n--\n\nForget the given blocks for replica."},
+    {"clear_replica", (PyCFunction)index_clear_replica, METH_O,
+     "clear_replica(replica) -> int\n--\n\nForget every block of replica, keeping it known."},
+    {"remove_replica", (PyCFunction)index_remove_replica, METH_O,
+     "remove_replica(replica) -> int\n--\n\nForget replica entirely."},
+    {"set_capacity", (PyCFunction)index_set_capacity, METH_VARARGS,
+     "set_capacity(replica, capacity_blocks)\n--\n\nBound replica, evicting beyond it."},
+    {"blocks", (PyCFunction)index_blocks, METH_O,
+     "blocks(replica) -> list\n--\n\nThe hashes replica holds, least recently used first."},
+    {"replicas", (PyCFunction)index_replicas, METH_NOARGS,
+     "replicas() -> list\n--\n\nKnown replica ids in first-seen order."},
+    {"capacity", (PyCFunction)index_capacity, METH_O,
+     "capacity(replica) -> int\n--\n\nThe replica's capacity in blocks."},
+    {"stats", (PyCFunction)index_stats, METH_NOARGS,
+     "stats() -> dict\n--\n\nBlocks per replica, evictions and bytes in use."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef index_getset[] = {
+    {"capacity_blocks", (getter)index_get_capacity_blocks, NULL, "default capacity", NULL},
+    {"native", (getter)index_get_native, NULL, "True: this is the C implementation", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PySequenceMethods index_as_sequence = {
+    .sq_length = (lenfunc)index_len,
+    .sq_contains = (objobjproc)index_contains,
+};
+
+static PyTypeObject IndexType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prefixlb.index._native.PrefixIndexC",
+    .tp_basicsize = sizeof(IndexObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "PrefixIndexC(capacity_blocks)\n--\n\nPer-replica LRU sets of block hashes, "
+              "matched by leading blocks (C implementation of prefixlb.index.PrefixIndexPy).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)index_init,
+    .tp_dealloc = (destructor)index_dealloc,
+    .tp_methods = index_methods,
+    .tp_getset = index_getset,
+    .tp_as_sequence = &index_as_sequence,
+};
+
+/* ===================================================================================== */
+/* Module functions                                                                      */
+/* ===================================================================================== */
+
+static PyObject *mod_block_hashes(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "block_size", "seed", NULL};
+    PyObject *data, *bs = NULL, *seed = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:block_hashes", kwlist, &data, &bs, &seed))
+        return NULL;
+    ChainObject *c = chain_from_data(data, bs, seed, NULL);
+    if (!c)
+        return NULL;
+    PyObject *list = chain_tolist(c, NULL);
+    Py_DECREF(c);
+    return list;
+}
+
+static PyObject *mod_chain(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "block_size", "seed", NULL};
+    PyObject *data, *bs = NULL, *seed = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:chain", kwlist, &data, &bs, &seed))
+        return NULL;
+    return (PyObject *)chain_from_data(data, bs, seed, NULL);
+}
+
+static PyObject *mod_xxh64(PyObject *mod, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"data", "seed", NULL};
+    Py_buffer view;
+    unsigned long long seed = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "y*|K:xxh64", kwlist, &view, &seed))
+        return NULL;
+    uint64_t h = plb_xxh64(view.buf, (size_t)view.len, (uint64_t)seed);
+    PyBuffer_Release(&view);
+    return PyLong_FromUnsignedLongLong(h);
+}
+
+static PyMethodDef module_methods[] = {
+    {"block_hashes", (PyCFunction)(void (*)(void))mod_block_hashes, METH_VARARGS | METH_KEYWORDS,
+     "block_hashes(data, block_size=64, seed=0) -> list[int]\n--\n\nChained XXH64 of each full "
+     "block: h[i] = XXH64(block_i, seed=h[i-1]), h[-1] = seed."},
+    {"chain", (PyCFunction)(void (*)(void))mod_chain, METH_VARARGS | METH_KEYWORDS,
+     "chain(data, block_size=64, seed=0) -> Chain\n--\n\nThe same chain as a compact Chain."},
+    {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
+     "xxh64(data, seed=0) -> int\n--\n\nOne-shot XXH64 (exposed for tests)."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef native_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "prefixlb.index._native",
+    .m_doc = "C implementation of prefixlb's block-hash chain and prefix index.",
+    .m_size = -1,
+    .m_methods = module_methods,
+};
+
+PyMODINIT_FUNC PyInit__native(void)
+{
+    if (PyType_Ready(&ChainType) < 0 || PyType_Ready(&IndexType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&native_module);
+    if (!m)
+        return NULL;
+    if (PyModule_AddObjectRef(m, "Chain", (PyObject *)&ChainType) < 0 ||
+        PyModule_AddObjectRef(m, "PrefixIndexC", (PyObject *)&IndexType) < 0 ||
+        PyModule_AddIntConstant(m, "ENTRY_BYTES", (long)sizeof(Entry)) < 0 ||
+        PyModule_AddIntConstant(m, "SLOT_BYTES", (long)sizeof(Slot)) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

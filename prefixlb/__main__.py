@@ -1,0 +1,3 @@
+from prefixlb.cli import main
+
+raise SystemExit(main())
