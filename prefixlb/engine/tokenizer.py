@@ -1,0 +1,387 @@
+"""Tokenizers: a deterministic byte rule by default, a real Hugging Face tokenizer on request.
+
+:class:`ByteTokenizer` (the default) cuts the UTF-8 bytes into 4-byte chunks, about what BPE
+gets on English text. Ids (all < 2**32, so the fast hash can pack them as uint32):
+
+* a chunk of 4 ASCII bytes is its little-endian uint32 (every byte < 0x80, so < 0x80000000);
+* a last chunk of k = 1..3 ASCII bytes is ``0x80000000 | k << 24 | value``;
+* a chunk holding any non-ASCII byte becomes one byte token per byte: ``0x84000000 | byte``;
+* specials: ``<pad>`` 0x85000000, ``<s>`` (BOS) 0x85000001, ``</s>`` (EOS) 0x85000002.
+
+Encoding is exact (``decode(encode(t)) == t``), prefix-stable (a text that extends another
+yields a token list that extends the other's, except the last token, or the last three when
+the shorter text ends in non-ASCII bytes), and prepends BOS as Llama tokenizers do. ASCII text
+is encoded and decoded with bulk ``array`` operations, never a per-character loop.
+
+:class:`HFTokenizer` loads ``tokenizer.json`` with the ``tokenizers`` library and renders the
+chat template with ``jinja2`` as transformers/vLLM do; both packages are imported lazily.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from array import array
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "default_tokenizer",
+    "render_default_chat",
+]
+
+_LITTLE = sys.byteorder == "little"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What the engine and emulator need from a tokenizer."""
+
+    @property
+    def bos_token_id(self) -> int | None: ...
+    @property
+    def eos_token_id(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def sample_pool(self) -> Sequence[int]:
+        """Ids a synthetic model may emit: decodable, not special (the engine draws from these)."""
+        ...
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str: ...
+    def token_str(self, token_id: int) -> str: ...
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str: ...
+
+
+# -- default chat template ----------------------------------------------------------------------
+
+#: The Jinja form of the default template (the one ../shared/real-vllm.md's tiny model uses).
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def _content_text(content: Any) -> str:
+    # OpenAI content: a string, or a list of parts; text parts are joined with newlines (vLLM's
+    # "string" content format). Non-text parts are ignored: the engine models text only.
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(
+            p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type", "text") == "text"
+        )
+    return str(content)
+
+
+def render_default_chat(
+    messages: Sequence[Mapping[str, Any]],
+    add_generation_prompt: bool = True,
+    tools: Sequence[Mapping[str, Any]] | None = None,
+) -> str:
+    """``<|role|>\\ncontent\\n`` per message, then ``<|assistant|>\\n``; tools as a leading block.
+
+    A conversation's rendering is a prefix of its continuation's (multi-turn prefix reuse).
+    """
+    parts: list[str] = []
+    if tools:
+        parts.append("<|tools|>\n" + json.dumps(list(tools), sort_keys=True, separators=(",", ":")) + "\n")
+    for m in messages:
+        parts.append(f"<|{m.get('role', 'user')}|>\n{_content_text(m.get('content'))}\n")
+    if add_generation_prompt:
+        parts.append("<|assistant|>\n")
+    return "".join(parts)
+
+
+# -- ByteTokenizer --------------------------------------------------------------------------------
+
+_PARTIAL = 0x80000000
+_BYTE = 0x84000000
+_PAD, _BOS, _EOS = 0x85000000, 0x85000001, 0x85000002
+_SPECIAL_STR = {_PAD: "<pad>", _BOS: "<s>", _EOS: "</s>"}
+_HIGH_BITS = 0x80808080
+
+# 4-byte pieces of common English the synthetic model emits; decoded they read as words.
+_WORDS = (
+    " the and for you are not but can all one has its was use new how why way may now any get see two "
+    "day out who did let set put end try ask own old big few low top run key map log row add sum max "
+    "min fit hit say yes job sky sea red box cup dog cat fox sun war law art age air arm bed car cut "
+    "eye far fun gas hot ice joy kid lot man mix oil pay pen pop raw sad ship"
+).split()
+_POOL_TEXT = tuple(" " + w[:3].ljust(3, "s") for w in _WORDS)
+
+
+def _u32(data: bytes) -> list[int]:
+    a = array("I")
+    a.frombytes(data)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tolist()
+
+
+def _u32_bytes(ids: Sequence[int]) -> bytes:
+    a = array("I", ids)
+    if not _LITTLE:
+        a.byteswap()
+    return a.tobytes()
+
+
+class ByteTokenizer:
+    """Deterministic ~4-bytes-per-token tokenizer (see the module docstring for the id layout)."""
+
+    bos_token_id: int = _BOS
+    eos_token_id: int = _EOS
+    pad_token_id: int = _PAD
+    vocab_size: int = _EOS + 1
+    bos_token: str = "<s>"
+    eos_token: str = "</s>"
+
+    def __init__(self) -> None:
+        self._pool: tuple[int, ...] | None = None
+
+    @property
+    def sample_pool(self) -> Sequence[int]:
+        if self._pool is None:
+            self._pool = tuple(self.encode(t, add_special_tokens=False)[0] for t in _POOL_TEXT)
+        return self._pool
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``, with BOS first when ``add_special_tokens``."""
+        data = text.encode("utf-8")
+        n = len(data) & ~3
+        ids: list[int] = [_BOS] if add_special_tokens else []
+        if data.isascii():
+            ids += _u32(data[:n])
+        else:
+            for v in _u32(data[:n]):
+                if v & _HIGH_BITS:
+                    ids += (_BYTE | (v & 0xFF), _BYTE | (v >> 8 & 0xFF), _BYTE | (v >> 16 & 0xFF), _BYTE | (v >> 24))
+                else:
+                    ids.append(v)
+        tail = data[n:]
+        if tail:
+            if tail.isascii():
+                ids.append(_PARTIAL | len(tail) << 24 | int.from_bytes(tail, "little"))
+            else:
+                ids += [_BYTE | b for b in tail]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """Text of ``ids``; invalid UTF-8 (a cut multi-byte character) decodes as U+FFFD."""
+        if not ids:
+            return ""
+        if max(ids) < _PARTIAL:
+            return _u32_bytes(ids).decode("utf-8", "replace")
+        out = bytearray()
+        run: list[int] = []
+        for t in ids:
+            if t < _PARTIAL:
+                run.append(t)
+                continue
+            if run:
+                out += _u32_bytes(run)
+                run = []
+            out += self._piece(t, skip_special_tokens)
+        if run:
+            out += _u32_bytes(run)
+        return out.decode("utf-8", "replace")
+
+    def token_str(self, token_id: int) -> str:
+        """Printable form of one token (specials by name, raw bytes as ``<0xNN>``)."""
+        if _BYTE <= token_id < _PAD:
+            return f"<0x{token_id & 0xFF:02X}>"
+        if token_id in _SPECIAL_STR:
+            return _SPECIAL_STR[token_id]
+        return self._piece(token_id, False).decode("utf-8", "replace")
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        return render_default_chat(messages, add_generation_prompt, tools)
+
+    @staticmethod
+    def _piece(t: int, skip_special: bool) -> bytes:
+        if t < _PARTIAL:
+            return t.to_bytes(4, "little")
+        if t < _BYTE:
+            k = (t >> 24) & 0x7F
+            if not 1 <= k <= 3:
+                raise ValueError(f"token id {t:#x} is not a ByteTokenizer id")
+            return (t & 0xFFFFFF).to_bytes(3, "little")[:k]
+        if t < _PAD:
+            if t > _BYTE | 0xFF:
+                raise ValueError(f"token id {t:#x} is not a ByteTokenizer id")
+            return bytes((t & 0xFF,))
+        if t in _SPECIAL_STR:
+            return b"" if skip_special else _SPECIAL_STR[t].encode()
+        raise ValueError(f"token id {t:#x} is not a ByteTokenizer id")
+
+    def __repr__(self) -> str:
+        return "ByteTokenizer()"
+
+
+_DEFAULT: ByteTokenizer | None = None
+
+
+def default_tokenizer() -> ByteTokenizer:
+    """A shared :class:`ByteTokenizer` (stateless apart from a cached sample pool)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = ByteTokenizer()
+    return _DEFAULT
+
+
+# -- HFTokenizer ----------------------------------------------------------------------------------
+
+
+def _need(module: str, what: str) -> Any:
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        raise ImportError(f"{what} needs the {module!r} package: pip install {module}") from exc
+
+
+def _token_text(tok: Any) -> str | None:
+    if tok is None:
+        return None
+    if isinstance(tok, Mapping):  # tokenizer_config.json may store an AddedToken dict
+        return tok.get("content")
+    return str(tok)
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local directory, without transformers.
+
+    Special-token handling follows the ``tokenizers`` post-processor in ``tokenizer.json`` (so BOS
+    is added when the model's tokenizer adds it). The chat template comes from
+    ``chat_template.jinja`` or ``tokenizer_config.json`` and is rendered in a sandboxed Jinja
+    environment with ``messages``, ``add_generation_prompt``, ``bos_token``, ``eos_token`` and
+    ``tools``, plus transformers' helpers ``raise_exception`` and ``tojson``.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        *,
+        bos_token: str | None = None,
+        eos_token: str | None = None,
+        chat_template: str | None = None,
+    ) -> None:
+        self._tok = tokenizer
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        eos_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        if eos_id is None:
+            raise ValueError(f"EOS token {eos_token!r} is not in the vocabulary")
+        self.eos_token_id: int = eos_id
+        self.vocab_size: int = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.chat_template = chat_template
+        self._compiled: Any = None
+        self._pool: list[int] | None = None
+
+    @classmethod
+    def from_dir(cls, path: str | os.PathLike[str]) -> HFTokenizer:
+        """Load ``tokenizer.json`` (+ ``tokenizer_config.json``, ``chat_template.jinja``) from ``path``."""
+        tokenizers = _need("tokenizers", "HFTokenizer")
+        path = os.fspath(path)
+        tok_file = os.path.join(path, "tokenizer.json")
+        if not os.path.exists(tok_file):
+            raise FileNotFoundError(f"no tokenizer.json in {path!r}")
+        tok = tokenizers.Tokenizer.from_file(tok_file)
+        config: dict[str, Any] = {}
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        if os.path.exists(cfg_file):
+            with open(cfg_file, encoding="utf-8") as f:
+                config = json.load(f)
+        template = None
+        jinja_file = os.path.join(path, "chat_template.jinja")
+        if os.path.exists(jinja_file):
+            with open(jinja_file, encoding="utf-8") as f:
+                template = f.read()
+        else:
+            ct = config.get("chat_template")
+            if isinstance(ct, list):  # named templates: transformers uses "default"
+                named = {t.get("name"): t.get("template") for t in ct if isinstance(t, Mapping)}
+                ct = named.get("default") or next(iter(named.values()), None)
+            template = ct
+        return cls(
+            tok,
+            bos_token=_token_text(config.get("bos_token")),
+            eos_token=_token_text(config.get("eos_token")),
+            chat_template=template,
+        )
+
+    @property
+    def sample_pool(self) -> Sequence[int]:
+        if self._pool is None:
+            special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+            self._pool = [i for i in range(self.vocab_size) if i not in special]
+        return self._pool
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens).ids)
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def token_str(self, token_id: int) -> str:
+        return str(self._tok.decode([token_id], skip_special_tokens=False))
+
+    def apply_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+    ) -> str:
+        if self.chat_template is None:
+            return render_default_chat(messages, add_generation_prompt, tools)
+        if self._compiled is None:
+            self._compiled = _compile_template(self.chat_template)
+        return str(
+            self._compiled.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                tools=list(tools) if tools else None,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        )
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size})"
+
+
+def _compile_template(source: str) -> Any:
+    jinja2 = _need("jinja2", "chat templates")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None, sort_keys: bool = False) -> str:
+        # transformers' tojson: no HTML escaping, unlike Jinja's built-in filter
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
