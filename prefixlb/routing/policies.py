@@ -1,0 +1,231 @@
+"""Replica-choice policies: one cost model and the baselines it is measured against.
+
+Every policy answers the same question over the same inputs: given the replicas of a tier that
+may take work (already filtered: healthy, breaker closed, not draining, not excluded by a
+retry) and what the prefix index matched, which replica serves this request? Policies are
+pure and deterministic given their ``random.Random``; they never mutate replica state (the
+router's hooks do that after dispatch).
+
+* ``cache_aware`` (default): the lowest predicted time to first token. For each replica,
+  uncached = prompt - leading tokens it holds; TTFT = fixed + (backlog + uncached) / rate +
+  decode interference (see :mod:`prefixlb.routing.state`). A cache hit is worth exactly the
+  prefill it saves and a queue costs exactly the wait it adds, so affinity, load balance, hot
+  prefix replication (when the holder's queue outgrows the saving, the next request goes to a
+  second replica, which then holds the prefix too) and cold-prefix spreading (equal costs ->
+  the least-loaded replica, ties broken at random) all follow from one formula, with no
+  thresholds to tune. A cache-pressure term charges uncached tokens placed on a replica whose
+  cache is full for the prefixes they will evict (Preble's eviction cost), so under pressure
+  a prefix is copied only when the queue it avoids is worth it.
+* ``round_robin``: rotate through the replicas.
+* ``least_loaded``: power of two choices on queued work (prefill tokens and running
+  sequences), cache-blind.
+* ``consistent_hash``: consistent hashing with bounded loads (CHWBL) on the first prompt
+  blocks: a prefix maps to a fixed replica unless that replica has more than ``load_factor``
+  times the mean in-flight requests.
+"""
+
+from __future__ import annotations
+
+import bisect
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from .state import ReplicaState
+
+__all__ = [
+    "POLICIES",
+    "CacheAware",
+    "ConsistentHash",
+    "LeastLoaded",
+    "Pick",
+    "Policy",
+    "RoundRobin",
+    "make_policy",
+]
+
+
+@dataclass(slots=True)
+class Pick:
+    replica: ReplicaState
+    cached_tokens: float  # predicted leading tokens the replica holds
+    predicted_ttft: float
+
+
+class Policy:
+    """Base: ``choose`` one of ``candidates`` (non-empty, in replica-id order).
+
+    ``prefix_key`` identifies the prompt's first ``key_blocks`` blocks (the hash of block
+    ``key_blocks - 1`` of the chain, or of the whole prompt when it is shorter than a block).
+    """
+
+    name = "policy"
+    key_blocks = 4
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        self.rng = rng or random.Random(0)
+
+    def choose(
+        self,
+        candidates: Sequence[ReplicaState],
+        matches: Mapping[int, int],
+        prefix_key: int,
+        prompt_tokens: float,
+        tokens_per_block: float,
+        now: float,
+    ) -> Pick:
+        raise NotImplementedError
+
+    def replicas_changed(self, replicas: Sequence[ReplicaState]) -> None:
+        """The tier's replica set changed (for policies that precompute over it)."""
+
+
+def cached_for(matched_blocks: int, prompt_tokens: float, tokens_per_block: float) -> float:
+    """Leading prompt tokens a replica holding ``matched_blocks`` index blocks would not prefill.
+
+    vLLM always recomputes the last prompt token, so a hit is at most ``prompt_tokens - 1``.
+    """
+    if matched_blocks <= 0:
+        return 0.0
+    return min(prompt_tokens - 1.0, matched_blocks * tokens_per_block)
+
+
+class CacheAware(Policy):
+    name = "cache_aware"
+
+    def __init__(self, rng: random.Random | None = None, pressure_weight: float = 0.5, tie: float = 0.02) -> None:
+        super().__init__(rng)
+        self.pressure_weight = pressure_weight
+        self.tie = tie  # costs within this fraction of the best are ties (broken at random)
+
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+        # The hot loop of every decision: ReplicaState.predict_ttft is inlined for the common
+        # case (no fresh scrape to blend in); it is the reference for this arithmetic.
+        pw = self.pressure_weight
+        get = matches.get
+        cap = prompt_tokens - 1.0
+        costs = []
+        best = float("inf")
+        for r in candidates:
+            m = get(r.id)
+            cached = min(cap, m * tokens_per_block) if m else 0.0
+            uncached = prompt_tokens - cached
+            p = r.params
+            if now - r.scraped_at <= 8 * p.staleness_s:
+                ttft = r.predict_ttft(uncached, now)
+            else:
+                dt = now - r._backlog_t
+                own = r._backlog - dt / r._inv_rate if dt > 0.0 else r._backlog
+                work = (own if own > 0.0 else 0.0) + uncached
+                steps = -(-work // p.step_tokens) if work > 0.0 else 1.0
+                ttft = r._fixed + work * r._inv_rate + r.inflight * p.decode_s * steps
+            cost = ttft
+            if pw and r.scraped_kv_usage:
+                cost += pw * uncached * r.scraped_kv_usage * r._inv_rate
+            costs.append(cost)
+            if cost < best:
+                best = cost
+        limit = best * (1.0 + self.tie) + 1e-9
+        ties = [i for i, c in enumerate(costs) if c <= limit]
+        if len(ties) > 1:
+            # near-equal costs: prefer the longest match, then chance
+            longest = max(get(candidates[i].id, 0) for i in ties)
+            ties = [i for i in ties if get(candidates[i].id, 0) == longest]
+        i = ties[0] if len(ties) == 1 else self.rng.choice(ties)
+        r = candidates[i]
+        m = get(r.id)
+        cached = min(cap, m * tokens_per_block) if m else 0.0
+        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+
+
+class RoundRobin(Policy):
+    name = "round_robin"
+
+    def __init__(self, rng: random.Random | None = None) -> None:
+        super().__init__(rng)
+        self._next = 0
+
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+        r = candidates[self._next % len(candidates)]
+        self._next += 1
+        cached = cached_for(matches.get(r.id, 0), prompt_tokens, tokens_per_block)
+        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+
+
+class LeastLoaded(Policy):
+    name = "least_loaded"
+
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+        if len(candidates) == 1:
+            r = candidates[0]
+        else:
+            a, b = self.rng.sample(range(len(candidates)), 2)
+            ra, rb = candidates[a], candidates[b]
+            la, lb = (ra.load(now), ra.inflight), (rb.load(now), rb.inflight)
+            r = ra if la <= lb else rb
+        cached = cached_for(matches.get(r.id, 0), prompt_tokens, tokens_per_block)
+        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+
+
+class ConsistentHash(Policy):
+    """CHWBL on the hash of the first ``key_blocks`` blocks of the prompt."""
+
+    name = "consistent_hash"
+
+    def __init__(self, rng: random.Random | None = None, vnodes: int = 160, load_factor: float = 1.25) -> None:
+        super().__init__(rng)
+        self.vnodes = vnodes
+        self.load_factor = load_factor
+        self._points: list[int] = []
+        self._owners: list[int] = []
+
+    def replicas_changed(self, replicas):
+        ring = sorted(
+            (xxhash.xxh64_intdigest(f"{r.id}/{v}".encode()), r.id) for r in replicas for v in range(self.vnodes)
+        )
+        self._points = [p for p, _ in ring]
+        self._owners = [o for _, o in ring]
+
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+        by_id = {r.id: r for r in candidates}
+        total = sum(r.inflight for r in candidates)
+        bound = self.load_factor * (total + 1) / len(candidates)
+        n = len(self._points)
+        r = None
+        if n:
+            i = bisect.bisect_left(self._points, prefix_key) % n
+            seen = set()
+            for step in range(n):
+                rid = self._owners[(i + step) % n]
+                if rid in seen:
+                    continue
+                seen.add(rid)
+                cand = by_id.get(rid)
+                if cand is not None and cand.inflight + 1 <= bound:
+                    r = cand
+                    break
+                if len(seen) == len(by_id) + 64:  # every candidate (and then some) was visited
+                    break
+        if r is None:
+            r = min(candidates, key=lambda c: (c.inflight, c.id))
+        cached = cached_for(matches.get(r.id, 0), prompt_tokens, tokens_per_block)
+        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+
+
+POLICIES: dict[str, type[Policy]] = {
+    "cache_aware": CacheAware,
+    "round_robin": RoundRobin,
+    "least_loaded": LeastLoaded,
+    "consistent_hash": ConsistentHash,
+}
+
+
+def make_policy(name: str, rng: random.Random | None = None, **params) -> Policy:
+    """The policy registered as ``name``; ValueError naming the valid ones otherwise."""
+    try:
+        cls = POLICIES[name]
+    except KeyError:
+        raise ValueError(f"unknown routing policy {name!r}; choose one of {', '.join(POLICIES)}") from None
+    return cls(rng, **params)

@@ -1,0 +1,253 @@
+"""The routing core of one tier: decide, then learn. Used as-is by the server, the simulator
+and the tests (DESIGN.md: one routing core, written once).
+
+``decide(key, now)`` is pure with respect to the outside world: one native call hashes the
+prompt and matches it against the index, the policy picks a replica, and a :class:`Decision`
+comes back. Nothing is recorded until the caller dispatches: the hooks ``dispatched``,
+``first_token``, ``finished`` and ``failed`` are the only way replica state and the index
+change, so the load accounting cannot leak (each dispatched decision is closed by exactly one
+of ``finished`` / ``failed``, which the caller guarantees with ``try/finally``).
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import xxhash
+
+from prefixlb.index import PrefixIndex
+
+from .policies import Pick, Policy, make_policy
+from .prompt import PromptKey
+from .state import CostParams, ReplicaState
+
+__all__ = ["Decision", "NoReplicaAvailable", "TierRouter"]
+
+#: index capacity for a replica whose KV capacity is not known yet (blocks of block_bytes)
+DEFAULT_CAPACITY_TOKENS = 256_000
+
+
+class NoReplicaAvailable(Exception):
+    """No replica of the tier can take the request (all unhealthy, draining or excluded)."""
+
+
+@dataclass(slots=True)
+class Decision:
+    replica: ReplicaState
+    chain: object  # the prompt's block chain (prefixlb.index Chain / array)
+    matched_blocks: int  # index blocks the chosen replica was believed to hold
+    prompt_tokens: float  # estimated (exact for token-id prompts)
+    cached_tokens: float  # predicted prefix-cache hit on the chosen replica
+    predicted_ttft: float
+    policy: str
+    decided_at: float
+    decision_s: float = 0.0  # wall time spent deciding
+    # set by the hooks
+    dispatched_at: float | None = None
+    backlog_end: float = 0.0
+    work_at_dispatch: float = 0.0
+    first_token_at: float | None = None
+    closed: bool = False
+    inserted: bool = False
+    attempts: list[int] = field(default_factory=list)
+
+    @property
+    def uncached_tokens(self) -> float:
+        return self.prompt_tokens - self.cached_tokens
+
+
+class TierRouter:
+    """Replica choice for one tier: a prefix index, the replicas' states and a policy."""
+
+    def __init__(
+        self,
+        name: str = "default",
+        *,
+        policy: str | Policy = "cache_aware",
+        params: CostParams | None = None,
+        block_bytes: int = 64,
+        bytes_per_token: float = 4.0,
+        default_capacity_tokens: int = DEFAULT_CAPACITY_TOKENS,
+        seed: int = 0,
+        clock=time.monotonic,
+    ) -> None:
+        self.name = name
+        self.params = params or CostParams()
+        self.block_bytes = block_bytes
+        self.bytes_per_token = bytes_per_token
+        self.default_capacity_tokens = default_capacity_tokens
+        self.rng = random.Random(seed)
+        self.policy = policy if isinstance(policy, Policy) else make_policy(policy, self.rng)
+        self.index = PrefixIndex(self._blocks_for_tokens(default_capacity_tokens))
+        self.replicas: dict[int, ReplicaState] = {}
+        self._ordered: list[ReplicaState] = []
+        self.clock = clock
+
+    # -- replica set ------------------------------------------------------------------------
+
+    def add_replica(self, replica_id: int, url: str = "", capacity_tokens: int | None = None) -> ReplicaState:
+        if replica_id in self.replicas:
+            raise ValueError(f"replica {replica_id} is already in tier {self.name!r}")
+        r = ReplicaState(replica_id, url, self.params)
+        self.replicas[replica_id] = r
+        self._reorder()
+        self.set_capacity_tokens(replica_id, capacity_tokens or self.default_capacity_tokens)
+        return r
+
+    def remove_replica(self, replica_id: int) -> None:
+        self.replicas.pop(replica_id, None)
+        self.index.remove_replica(replica_id)
+        self._reorder()
+
+    def set_capacity_tokens(self, replica_id: int, tokens: int) -> None:
+        """Bound what the index believes ``replica_id`` holds to its KV capacity."""
+        r = self.replicas[replica_id]
+        r.capacity_tokens = int(tokens)
+        self._apply_capacity(r)
+
+    def _apply_capacity(self, r: ReplicaState) -> None:
+        tokens = (r.capacity_tokens or self.default_capacity_tokens) * r.capacity_scale
+        self.index.set_capacity(r.id, self._blocks_for_tokens(tokens))
+
+    def _blocks_for_tokens(self, tokens: float) -> int:
+        return max(1, int(tokens * self.bytes_per_token / self.block_bytes))
+
+    def _reorder(self) -> None:
+        self._ordered = [self.replicas[k] for k in sorted(self.replicas)]
+        self.policy.replicas_changed(self._ordered)
+
+    # -- the decision -------------------------------------------------------------------------
+
+    @property
+    def tokens_per_block(self) -> float:
+        return self.block_bytes / self.bytes_per_token
+
+    def decide(self, key: PromptKey, now: float | None = None, exclude: Iterable[int] = ()) -> Decision:
+        """Choose a replica for a prompt; raises NoReplicaAvailable when none can take it."""
+        t0 = time.perf_counter()
+        now = self.clock() if now is None else now
+        chain, matches = self.index.lookup(key.data, self.block_bytes, key.seed)
+        excluded = set(exclude)
+        candidates = [r for r in self._ordered if r.available and r.id not in excluded]
+        if not candidates:
+            raise NoReplicaAvailable(
+                f"no replica of tier {self.name!r} can take the request "
+                f"({len(self._ordered)} known, {len(excluded)} already tried)"
+            )
+        if key.token_ids is not None:
+            prompt_tokens = float(key.token_ids)
+        else:
+            prompt_tokens = max(1.0, len(key.data) / self.bytes_per_token)
+        kb = self.policy.key_blocks
+        prefix_key = chain[min(len(chain), kb) - 1] if len(chain) else xxhash.xxh64_intdigest(key.data, key.seed)
+        pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now)
+        matched = matches.get(pick.replica.id, 0)
+        return Decision(
+            replica=pick.replica,
+            chain=chain,
+            matched_blocks=matched,
+            prompt_tokens=prompt_tokens,
+            cached_tokens=pick.cached_tokens,
+            predicted_ttft=pick.predicted_ttft,
+            policy=self.policy.name,
+            decided_at=now,
+            decision_s=time.perf_counter() - t0,
+        )
+
+    # -- hooks: the only writers of replica state and the index ------------------------------
+
+    def dispatched(self, d: Decision, now: float | None = None) -> None:
+        """The request was sent to ``d.replica``: it will hold the prompt's blocks."""
+        now = self.clock() if now is None else now
+        r = d.replica
+        d.work_at_dispatch = r.backlog(now) + d.uncached_tokens
+        d.backlog_end = r.on_dispatch(d.uncached_tokens, now)
+        d.dispatched_at = now
+        d.attempts.append(r.id)
+        if r.id in self.replicas:
+            self.index.insert(r.id, d.chain)
+            d.inserted = True
+
+    def first_token(self, d: Decision, now: float | None = None) -> None:
+        """The first response byte arrived: the prefill is done; learn the TTFT."""
+        if d.first_token_at is not None or d.dispatched_at is None:
+            return
+        now = self.clock() if now is None else now
+        d.first_token_at = now
+        r = d.replica
+        r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
+        r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at)
+
+    def finished(self, d: Decision, now: float | None = None, usage: dict | None = None,
+                 prompt_text_bytes: int | None = None) -> None:
+        """The request ended after reaching the replica (success, or an error after the first byte)."""
+        if d.closed or d.dispatched_at is None:
+            return
+        now = self.clock() if now is None else now
+        d.closed = True
+        r = d.replica
+        if d.first_token_at is None:
+            r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
+        r.on_finish()
+        if usage:
+            self._learn_from_usage(d, usage, prompt_text_bytes)
+
+    def failed(self, d: Decision, now: float | None = None) -> None:
+        """The request never reached the replica (connect error, refused, timed out before any
+        byte): take back its load and the blocks it would have added."""
+        if d.closed or d.dispatched_at is None:
+            return
+        now = self.clock() if now is None else now
+        d.closed = True
+        d.replica.on_cancel(d.uncached_tokens, now)
+        if d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
+            self.index.remove_blocks(d.replica.id, d.chain[d.matched_blocks:])
+
+    # -- feedback ---------------------------------------------------------------------------------
+
+    def _learn_from_usage(self, d: Decision, usage: dict, text_bytes: int | None) -> None:
+        prompt = usage.get("prompt_tokens")
+        if isinstance(prompt, int) and prompt > 0 and text_bytes:
+            # bytes per token of this tier's traffic, so block <-> token conversions stay right
+            self.bytes_per_token += 0.02 * (min(max(text_bytes / prompt, 1.0), 16.0) - self.bytes_per_token)
+        details = usage.get("prompt_tokens_details") or {}
+        actual = details.get("cached_tokens") if isinstance(details, dict) else None
+        if not isinstance(actual, int):
+            return
+        r = d.replica
+        tol = self.tokens_per_block * 2
+        if actual + tol < d.cached_tokens:
+            # the replica had evicted what we thought it held: believe it holds less
+            r.capacity_scale = max(0.25, r.capacity_scale * 0.95)
+            self._apply_capacity(r)
+        elif r.capacity_scale < 1.0 and actual >= d.cached_tokens:
+            r.capacity_scale = min(1.0, r.capacity_scale * 1.01)
+            self._apply_capacity(r)
+
+    # -- introspection ------------------------------------------------------------------------------
+
+    def snapshot(self, now: float | None = None) -> list[dict]:
+        now = self.clock() if now is None else now
+        per = self.index.stats()["per_replica"]
+        return [
+            {
+                "id": r.id,
+                "url": r.url,
+                "available": r.available,
+                "draining": r.draining,
+                "inflight": r.inflight,
+                "backlog_tokens": round(r.backlog(now), 1),
+                "prefill_tokens_per_s": round(r.prefill_rate, 1),
+                "fixed_ms": round(r.fixed_s * 1e3, 2),
+                "capacity_tokens": r.capacity_tokens,
+                "capacity_scale": round(r.capacity_scale, 3),
+                "index_blocks": per.get(r.id, {}).get("blocks", 0),
+            }
+            for r in self._ordered
+        ]
+
+    def replicas_in_order(self) -> Sequence[ReplicaState]:
+        return self._ordered

@@ -1,0 +1,197 @@
+"""Replica choice: the behaviours the field's users ask for (../shared/field.md §4), pinned."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prefixlb.routing import CostParams, NoReplicaAvailable, TierRouter, prompt_key
+
+PARAMS = CostParams(prefill_tokens_per_s=10_000, fixed_s=0.01, decode_s=0.0002)
+
+
+def router(n=4, policy="cache_aware", **kw):
+    t = TierRouter("t", policy=policy, params=PARAMS, seed=7, clock=lambda: 0.0, **kw)
+    for i in range(n):
+        t.add_replica(i, f"http://r{i}")
+    return t
+
+
+def chat(system: str, user: str):
+    return prompt_key({"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]}, chat=True)
+
+
+SYS = [f"tenant {k} system prompt. " * 200 for k in range(8)]  # ~5KB each, ~1,250 tokens
+
+
+def send(t, key, now, finish=True):
+    d = t.decide(key, now)
+    t.dispatched(d, now)
+    if finish:
+        t.first_token(d, now + d.predicted_ttft)
+        t.finished(d, now + d.predicted_ttft + 0.05)
+    return d
+
+
+def test_shared_prefixes_stick_to_one_replica():
+    t = router()
+    first = send(t, chat(SYS[0], "q0"), 0.0).replica.id
+    for i in range(1, 30):
+        d = send(t, chat(SYS[0], f"question {i}"), i * 1.0)
+        assert d.replica.id == first
+        assert d.cached_tokens > 1000  # predicted hit on the shared system prompt
+
+
+def test_cold_prefixes_spread_instead_of_piling_on_the_first_replica():
+    """sglang#14305 / peers.md §5: cold misses all went to the first-listed worker."""
+    t = router(4)
+    # sequential, each finished before the next: every replica idle at each decision
+    chosen = [send(t, chat(SYS[k], "hello"), float(k)).replica.id for k in range(8)]
+    assert len(set(chosen)) >= 3
+    # concurrent (nothing finishes): queued work pushes each new prefix elsewhere
+    t2 = router(4)
+    chosen = [send(t2, chat(SYS[k], "hello"), 0.0, finish=False).replica.id for k in range(8)]
+    assert sorted(chosen.count(i) for i in range(4)) == [2, 2, 2, 2]
+
+
+def test_a_hot_replica_stops_receiving_cold_work():
+    t = router(4)
+    hot = t.replicas[0]
+    for i in range(20):  # 20 long uncached prompts queued on replica 0
+        d = t.decide(chat(f"unique {i} " * 800, "x"), 0.0, exclude=[1, 2, 3])
+        t.dispatched(d, 0.0)
+    assert hot.backlog(0.0) > 30_000
+    for k in range(10):
+        assert send(t, chat(f"cold {k} " * 300, "y"), 0.0).replica.id != 0
+
+
+def test_a_hot_prefix_is_replicated_when_its_queue_outgrows_the_saving():
+    t = router(4)
+    owner = send(t, chat(SYS[1], "warm"), 0.0).replica.id
+    burst = [send(t, chat(SYS[1], f"burst {i} " + "tail " * 400), 1.0, finish=False) for i in range(40)]
+    # the owner takes the first share, then other replicas pick the prefix up
+    assert burst[0].replica.id == owner and len({d.replica.id for d in burst}) >= 2
+    # ...each paying for the shared prefix once, then serving it from cache
+    misses = [d for d in burst if d.cached_tokens < 1000]
+    assert len(misses) == len({d.replica.id for d in burst}) - 1
+
+
+def test_affinity_survives_a_moderate_imbalance():
+    """sglang#32195: one imbalance disabled prefix routing fleet-wide. Here a saving worth more
+    than the queue keeps the request on its cache."""
+    t = router(4)
+    owner = send(t, chat(SYS[2], "a"), 0.0).replica.id
+    d = t.decide(chat("other " * 300, "z"), 1.0, exclude=[i for i in range(4) if i != owner])
+    t.dispatched(d, 1.0)  # ~450 uncached tokens of unrelated work on the owner
+    assert send(t, chat(SYS[2], "b"), 1.0).replica.id == owner
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.booleans(), st.booleans()), min_size=1, max_size=60))
+def test_accounting_returns_to_zero_whatever_the_outcomes(events):
+    """vllm-project/router#215: counters leaked on cancel. Every dispatch is closed once."""
+    t = router(3)
+    open_ = []
+    for k, ok, got_first in events:
+        d = t.decide(chat(SYS[k], "q"), 0.0)
+        t.dispatched(d, 0.0)
+        open_.append((d, ok, got_first))
+    assert sum(r.inflight for r in t.replicas.values()) == len(events)
+    for d, ok, got_first in open_:
+        if got_first:
+            t.first_token(d, 0.5)
+        if ok or got_first:
+            t.finished(d, 1.0)
+            t.finished(d, 1.0)  # idempotent
+        else:
+            t.failed(d, 1.0)
+            t.failed(d, 1.0)
+    assert all(r.inflight == 0 for r in t.replicas.values())
+    assert all(r.backlog(1e6) == 0 for r in t.replicas.values())
+
+
+def test_failed_dispatch_takes_back_the_blocks_it_inserted():
+    t = router(2)
+    key = chat(SYS[3], "q")
+    d = t.decide(key, 0.0)
+    t.dispatched(d, 0.0)
+    assert t.decide(key, 0.0).matched_blocks == len(d.chain)
+    t.failed(d, 0.0)
+    assert t.index.match(d.chain) == {}
+
+
+def test_no_available_replica_raises():
+    t = router(2)
+    for r in t.replicas.values():
+        r.eligible = False
+    with pytest.raises(NoReplicaAvailable):
+        t.decide(chat("a", "b"), 0.0)
+    t.replicas[1].eligible = True
+    t.replicas[1].draining = True
+    with pytest.raises(NoReplicaAvailable):
+        t.decide(chat("a", "b"), 0.0)
+
+
+def test_retry_excludes_the_replicas_already_tried():
+    t = router(3)
+    key = chat(SYS[4], "q")
+    tried = []
+    for _ in range(3):
+        d = t.decide(key, 0.0, exclude=tried)
+        assert d.replica.id not in tried
+        tried.append(d.replica.id)
+    with pytest.raises(NoReplicaAvailable):
+        t.decide(key, 0.0, exclude=tried)
+
+
+def test_prefill_rate_is_learned_from_observed_ttfts():
+    t = router(1)
+    r = t.replicas[0]
+    assert r.prefill_rate == pytest.approx(10_000)
+    for i in range(60):  # the replica is really 4x slower than the prior, with 20 ms fixed cost
+        work = 1000 + 500 * (i % 7)
+        r.observe_ttft(work, 0.02 + work / 2500)
+    assert 2000 < r.prefill_rate < 3200 and 0.005 < r.fixed_s < 0.04
+
+
+def test_scraped_load_from_other_balancers_counts_while_fresh():
+    t = router(2)
+    t.replicas[0].observe_scrape(waiting=30, running=40, kv_usage=0.9, now=0.0)
+    assert send(t, chat("fresh scrape " * 300, "q"), 0.1).replica.id == 1
+    assert t.replicas[0].backlog(100.0) == 0  # a stale scrape fades out
+
+
+def test_cached_tokens_feedback_shrinks_a_replica_that_evicts_sooner():
+    t = router(1)
+    r = t.replicas[0]
+    for i in range(5):
+        d = send(t, chat(SYS[5], f"q{i}"), float(i), finish=False)
+        t.first_token(d, i + 0.1)
+        t.finished(d, i + 0.2, usage={"prompt_tokens": 1300, "prompt_tokens_details": {"cached_tokens": 0}})
+    assert r.capacity_scale < 1.0
+
+
+def test_round_robin_cycles():
+    t = router(3, policy="round_robin")
+    assert [send(t, chat(SYS[0], str(i)), 0.0).replica.id for i in range(6)] == [0, 1, 2, 0, 1, 2]
+
+
+def test_least_loaded_takes_the_lighter_of_two():
+    t = router(2, policy="least_loaded")
+    for _ in range(5):
+        d = t.decide(chat("heavy " * 500, "x"), 0.0, exclude=[1])
+        t.dispatched(d, 0.0)
+    assert all(t.decide(chat(SYS[0], str(i)), 0.0).replica.id == 1 for i in range(10))
+
+
+def test_consistent_hash_is_sticky_with_bounded_load():
+    t = router(4, policy="consistent_hash")
+    owner = send(t, chat(SYS[6], "x"), 0.0).replica.id
+    assert all(send(t, chat(SYS[6], f"q{i}"), 0.0).replica.id == owner for i in range(10))
+    spread = [send(t, chat(SYS[6], f"burst {i}"), 0.0, finish=False).replica.id for i in range(20)]
+    assert spread.count(owner) < 20 and max(spread.count(i) for i in range(4)) <= 0.45 * 20
+
+
+def test_unknown_policy_names_the_valid_ones():
+    with pytest.raises(ValueError, match="cache_aware, round_robin, least_loaded, consistent_hash"):
+        router(policy="nope")
