@@ -27,6 +27,63 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import dataclasses
+    import logging
+    import os
+
+    from prefixlb.config import ConfigError, config_from_flags, load_config
+    from prefixlb.server.run import run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        if args.config:
+            cfg = load_config(args.config)
+            if args.replica:
+                raise ConfigError("--replica: give replicas in the config file or as flags, not both")
+        else:
+            cfg = config_from_flags(args.replica, policy=args.policy or "cache_aware")
+        changes = {}
+        if args.policy and args.config:
+            from prefixlb.routing import POLICIES
+
+            if args.policy not in POLICIES:
+                raise ConfigError(f"--policy: unknown policy {args.policy!r} (choose one of {', '.join(POLICIES)})")
+            changes["policy"] = args.policy
+        if args.host:
+            changes["host"] = args.host
+        if args.port is not None:
+            changes["port"] = args.port
+        token = args.admin_token or os.environ.get("PREFIXLB_ADMIN_TOKEN")
+        if token:
+            changes["admin_token"] = token
+        cfg = dataclasses.replace(cfg, **changes)
+    except ConfigError as exc:
+        print(f"prefixlb serve: {exc}", file=sys.stderr)
+        return 2
+    return run(cfg)
+
+
+def _cmd_emulate(args: argparse.Namespace) -> int:
+    from prefixlb.emulator.cli import run
+
+    return run(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from prefixlb.demo import DemoSettings, run_demo
+
+    s = DemoSettings(seed=args.seed)
+    if args.requests:
+        s = dataclasses.replace(s, requests=args.requests)
+    if args.rate:
+        s = dataclasses.replace(s, rate=args.rate)
+    results = run_demo(s)
+    return 0 if all(r.errors == 0 for r in results.values()) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixlb",
@@ -38,6 +95,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("info", help="print version and which index implementation is active")
     p.set_defaults(func=_cmd_info)
+
+    from prefixlb.emulator.cli import add_arguments as emulate_arguments
+
+    p = sub.add_parser(
+        "emulate",
+        help="serve a fleet of emulated vLLM replicas (prints one URL per line; stops on SIGINT/SIGTERM)",
+        description="Serve emulated vLLM replicas: vLLM's HTTP API, /metrics and KV events, timed by a profile.",
+    )
+    emulate_arguments(p)
+    p.set_defaults(func=_cmd_emulate)
+
+    p = sub.add_parser("serve", help="run the balancer in front of vLLM (or OpenAI-compatible) replicas")
+    p.add_argument("--config", metavar="FILE", help="YAML configuration (see README)")
+    p.add_argument(
+        "--replica",
+        action="append",
+        default=[],
+        metavar="URL",
+        help="a replica URL (repeat); without --config they form one tier",
+    )
+    p.add_argument("--policy", default=None, help="cache_aware (default), round_robin, least_loaded, consistent_hash")
+    p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
+    p.add_argument("--admin-token", default=None, help="bearer token for /admin (or PREFIXLB_ADMIN_TOKEN)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("demo", help="an emulated vLLM fleet behind prefixlb: cache_aware vs round_robin")
+    p.add_argument("--requests", type=int, default=None, help="requests per policy (default 600)")
+    p.add_argument("--rate", type=float, default=None, help="emulated requests per second (default 14)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_demo)
 
     return parser
 
