@@ -75,6 +75,7 @@ if not _flag("PREFIXLB_NO_EXTENSION"):
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
             undef_macros=undef_macros,
+            libraries=["m"],
         )
     )
 

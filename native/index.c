@@ -34,6 +34,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #include "xxh64.h"
 
@@ -1301,6 +1302,175 @@ static PyTypeObject IndexType = {
 };
 
 /* ===================================================================================== */
+/* The cost model's scoring loop (prefixlb.routing.scoring is its Python twin)            */
+/* ===================================================================================== */
+
+/* Per-replica slab layout (doubles), written by ReplicaState._sync(). */
+enum { F_BACKLOG = 1, F_BACKLOG_T, F_RATIO, F_CONTEXT, F_SCRAPED_AT, F_WAITING, F_RUNNING, F_KV,
+       F_AVG_UNC, F_AVG_PROMPT, F_INFLIGHT, F_COUNT };
+
+static int get_double(PyObject *o, double *out)
+{
+    *out = PyFloat_AsDouble(o);
+    return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
+}
+
+/* score(slab, candidates, matches, P, tpb, now, fixed, inv, cc, mean_ratio, step_tokens,
+ *       staleness, pressure_weight, tie, u) -> (replica_id, cost, ttft, cached_tokens) */
+static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 15) {
+        PyErr_SetString(PyExc_TypeError, "score() takes 15 arguments");
+        return NULL;
+    }
+    double v[12];
+    for (int i = 0; i < 12; i++)
+        if (get_double(args[3 + i], &v[i]) < 0)
+            return NULL;
+    const double P = v[0], tpb = v[1], now = v[2], fixed = v[3], inv = v[4], cc = v[5], mean_ratio = v[6],
+                 step = v[7], stale = v[8], pw = v[9], tie = v[10], u = v[11];
+    Py_buffer sb, cb;
+    if (PyObject_GetBuffer(args[0], &sb, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    if (sb.itemsize != 8 || !sb.format || strcmp(sb.format, "d") != 0) {
+        PyBuffer_Release(&sb);
+        PyErr_SetString(PyExc_TypeError, "slab must be a buffer of doubles (array('d'))");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(args[1], &cb, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0) {
+        PyBuffer_Release(&sb);
+        return NULL;
+    }
+    PyObject *matches = args[2];
+    PyObject *res = NULL;
+    uint32_t *mid = NULL, *mval = NULL;
+    double *cost = NULL;
+    if (cb.itemsize != 4 || !cb.format || (strcmp(cb.format, "I") != 0 && strcmp(cb.format, "L") != 0 &&
+                                           strcmp(cb.format, "=I") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "candidates must be a buffer of uint32 (array('I'))");
+        goto done;
+    }
+    if (!PyDict_Check(matches)) {
+        PyErr_SetString(PyExc_TypeError, "matches must be a dict");
+        goto done;
+    }
+    const double *slab = sb.buf;
+    const Py_ssize_t nslots = sb.len / (Py_ssize_t)(F_COUNT * sizeof(double));
+    const uint32_t *cand = cb.buf;
+    const Py_ssize_t nc = cb.len / 4;
+    if (nc == 0) {
+        PyErr_SetString(PyExc_ValueError, "no candidates");
+        goto done;
+    }
+    /* the matched replicas (usually a handful): gather once, then search per candidate */
+    Py_ssize_t nm = PyDict_GET_SIZE(matches), k = 0, pos = 0;
+    PyObject *key, *val;
+    mid = PyMem_Malloc((size_t)(nm ? nm : 1) * sizeof(uint32_t));
+    mval = PyMem_Malloc((size_t)(nm ? nm : 1) * sizeof(uint32_t));
+    cost = PyMem_Malloc((size_t)nc * sizeof(double) * 3);
+    if (!mid || !mval || !cost) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    while (PyDict_Next(matches, &pos, &key, &val)) {
+        unsigned long a = PyLong_AsUnsignedLong(key), b = PyLong_AsUnsignedLong(val);
+        if (PyErr_Occurred())
+            goto done;
+        mid[k] = (uint32_t)a;
+        mval[k] = (uint32_t)b;
+        k++;
+    }
+    double *ttft = cost + nc, *cached = cost + 2 * nc;
+    double best = INFINITY;
+    for (Py_ssize_t i = 0; i < nc; i++) {
+        uint32_t id = cand[i];
+        if ((Py_ssize_t)id >= nslots) {
+            PyErr_Format(PyExc_IndexError, "replica %u is outside the slab", id);
+            goto done;
+        }
+        const double *f = slab + (size_t)id * F_COUNT;
+        uint32_t m = 0;
+        for (Py_ssize_t j = 0; j < k; j++)
+            if (mid[j] == id) {
+                m = mval[j];
+                break;
+            }
+        double c = 0.0;
+        if (m) {
+            c = m * tpb;
+            if (c > P - 1.0)
+                c = P - 1.0;
+        }
+        double uncached = P - c;
+        double ratio = f[F_RATIO] >= 0.0 ? f[F_RATIO] : mean_ratio;
+        double invr = inv * ratio;
+        double dt = now - f[F_BACKLOG_T];
+        double own = dt > 0.0 ? f[F_BACKLOG] - dt / invr : f[F_BACKLOG];
+        if (own < 0.0)
+            own = 0.0;
+        double ctx = f[F_CONTEXT];
+        double age = now - f[F_SCRAPED_AT];
+        if (age <= 8.0 * stale) {
+            double w = exp(-(age > 0.0 ? age : 0.0) / stale);
+            double own_wait = f[F_INFLIGHT] < own / f[F_AVG_UNC] ? f[F_INFLIGHT] : own / f[F_AVG_UNC];
+            double extra_wait = f[F_WAITING] - own_wait;
+            if (extra_wait > 0.0)
+                own += w * extra_wait * f[F_AVG_UNC];
+            double extra_seqs = f[F_RUNNING] + f[F_WAITING] - f[F_INFLIGHT];
+            if (extra_seqs > 0.0)
+                ctx += w * extra_seqs * f[F_AVG_PROMPT];
+        }
+        double work = own + uncached;
+        double steps = work > 0.0 ? ceil(work / step) : 1.0;
+        double t = ratio * (fixed + work * inv + steps * ctx * cc);
+        double total = t;
+        if (pw != 0.0 && f[F_KV] != 0.0)
+            total += pw * uncached * f[F_KV] * invr;
+        cost[i] = total;
+        ttft[i] = t;
+        cached[i] = c;
+        if (total < best)
+            best = total;
+    }
+    /* ties: costs within `tie` of the best; among them the longest match; then `u` picks */
+    double limit = best * (1.0 + tie) + 1e-9, longest = -1.0;
+    Py_ssize_t nt = 0;
+    for (Py_ssize_t i = 0; i < nc; i++)
+        if (cost[i] <= limit) {
+            nt++;
+            if (cached[i] > longest)
+                longest = cached[i];
+        }
+    Py_ssize_t chosen = -1;
+    if (nt == 1) {
+        for (Py_ssize_t i = 0; i < nc && chosen < 0; i++)
+            if (cost[i] <= limit)
+                chosen = i;
+    } else {
+        Py_ssize_t nl = 0;
+        for (Py_ssize_t i = 0; i < nc; i++)
+            if (cost[i] <= limit && cached[i] == longest)
+                nl++;
+        Py_ssize_t pick = nl > 1 ? (Py_ssize_t)(u * (double)nl) : 0;
+        if (pick >= nl)
+            pick = nl - 1;
+        for (Py_ssize_t i = 0; i < nc; i++)
+            if (cost[i] <= limit && cached[i] == longest && pick-- == 0) {
+                chosen = i;
+                break;
+            }
+    }
+    res = Py_BuildValue("(Iddd)", cand[chosen], cost[chosen], ttft[chosen], cached[chosen]);
+done:
+    PyMem_Free(mid);
+    PyMem_Free(mval);
+    PyMem_Free(cost);
+    PyBuffer_Release(&cb);
+    PyBuffer_Release(&sb);
+    return res;
+}
+
+/* ===================================================================================== */
 /* Module functions                                                                      */
 /* ===================================================================================== */
 
@@ -1345,6 +1515,10 @@ static PyMethodDef module_methods[] = {
      "block: h[i] = XXH64(block_i, seed=h[i-1]), h[-1] = seed."},
     {"chain", (PyCFunction)(void (*)(void))mod_chain, METH_VARARGS | METH_KEYWORDS,
      "chain(data, block_size=64, seed=0) -> Chain\n--\n\nThe same chain as a compact Chain."},
+    {"score", (PyCFunction)(void (*)(void))mod_score, METH_FASTCALL,
+     "score(slab, candidates, matches, P, tpb, now, fixed, inv, cc, mean_ratio, step_tokens, staleness, "
+     "pressure_weight, tie, u) -> (replica, cost, ttft, cached)\n--\n\nThe cache_aware cost model over every "
+     "candidate (prefixlb.routing.scoring.score_py is the reference)."},
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
      "xxh64(data, seed=0) -> int\n--\n\nOne-shot XXH64 (exposed for tests)."},
     {NULL, NULL, 0, NULL},

@@ -8,7 +8,8 @@ router's hooks do that after dispatch).
 
 * ``cache_aware`` (default): the lowest predicted time to first token. For each replica,
   uncached = prompt - leading tokens it holds; TTFT = fixed + (backlog + uncached) / rate +
-  decode interference (see :mod:`prefixlb.routing.state`). A cache hit is worth exactly the
+  the steps it spans x the context its running batch attends over (see
+  :mod:`prefixlb.routing.state`). A cache hit is worth exactly the
   prefill it saves and a queue costs exactly the wait it adds, so affinity, load balance, hot
   prefix replication (when the holder's queue outgrows the saving, the next request goes to a
   second replica, which then holds the prefix too) and cold-prefix spreading (equal costs ->
@@ -17,8 +18,8 @@ router's hooks do that after dispatch).
   cache is full for the prefixes they will evict (Preble's eviction cost), so under pressure
   a prefix is copied only when the queue it avoids is worth it.
 * ``round_robin``: rotate through the replicas.
-* ``least_loaded``: power of two choices on queued work (prefill tokens and running
-  sequences), cache-blind.
+* ``least_loaded``: power of two choices on queued work (prefill tokens and context in
+  flight), cache-blind.
 * ``consistent_hash``: consistent hashing with bounded loads (CHWBL) on the first prompt
   blocks: a prefix maps to a fixed replica unless that replica has more than ``load_factor``
   times the mean in-flight requests.
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 
 import xxhash
 
+from .scoring import score
 from .state import ReplicaState
 
 __all__ = [
@@ -75,7 +77,11 @@ class Policy:
         prompt_tokens: float,
         tokens_per_block: float,
         now: float,
+        router=None,
+        ids=None,
     ) -> Pick:
+        """``router`` and ``ids`` (the candidates' ids as array('I')) are given by TierRouter so a
+        policy can score over the tier's slab without touching Python objects."""
         raise NotImplementedError
 
     def replicas_changed(self, replicas: Sequence[ReplicaState]) -> None:
@@ -100,44 +106,22 @@ class CacheAware(Policy):
         self.pressure_weight = pressure_weight
         self.tie = tie  # costs within this fraction of the best are ties (broken at random)
 
-    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
-        # The hot loop of every decision: ReplicaState.predict_ttft is inlined for the common
-        # case (no fresh scrape to blend in); it is the reference for this arithmetic.
-        pw = self.pressure_weight
-        get = matches.get
-        cap = prompt_tokens - 1.0
-        costs = []
-        best = float("inf")
-        for r in candidates:
-            m = get(r.id)
-            cached = min(cap, m * tokens_per_block) if m else 0.0
-            uncached = prompt_tokens - cached
-            p = r.params
-            if now - r.scraped_at <= 8 * p.staleness_s:
-                ttft = r.predict_ttft(uncached, now)
-            else:
-                dt = now - r._backlog_t
-                own = r._backlog - dt / r._inv_rate if dt > 0.0 else r._backlog
-                work = (own if own > 0.0 else 0.0) + uncached
-                steps = -(-work // p.step_tokens) if work > 0.0 else 1.0
-                ttft = r._fixed + work * r._inv_rate + r.inflight * p.decode_s * steps
-            cost = ttft
-            if pw and r.scraped_kv_usage:
-                cost += pw * uncached * r.scraped_kv_usage * r._inv_rate
-            costs.append(cost)
-            if cost < best:
-                best = cost
-        limit = best * (1.0 + self.tie) + 1e-9
-        ties = [i for i, c in enumerate(costs) if c <= limit]
-        if len(ties) > 1:
-            # near-equal costs: prefer the longest match, then chance
-            longest = max(get(candidates[i].id, 0) for i in ties)
-            ties = [i for i in ties if get(candidates[i].id, 0) == longest]
-        i = ties[0] if len(ties) == 1 else self.rng.choice(ties)
-        r = candidates[i]
-        m = get(r.id)
-        cached = min(cap, m * tokens_per_block) if m else 0.0
-        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
+        tier = candidates[0].tier
+        if router is None:  # called on a bare list of replicas (tests): build the inputs
+            from array import array
+
+            ids = array("I", [r.id for r in candidates])
+            slab = candidates[0]._slab
+        else:
+            slab = router.slab
+        rid, _cost, ttft, cached = score(
+            slab, ids, matches, prompt_tokens, tokens_per_block, now, tier.fixed, tier.inv_rate,
+            tier.ctx_coef * 1e-5, tier.mean_ratio, float(candidates[0].params.step_tokens),
+            candidates[0].params.staleness_s, self.pressure_weight, self.tie, self.rng.random(),
+        )
+        r = router.replicas[rid] if router is not None else next(c for c in candidates if c.id == rid)
+        return Pick(r, cached, ttft)
 
 
 class RoundRobin(Policy):
@@ -147,7 +131,7 @@ class RoundRobin(Policy):
         super().__init__(rng)
         self._next = 0
 
-    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
         r = candidates[self._next % len(candidates)]
         self._next += 1
         cached = cached_for(matches.get(r.id, 0), prompt_tokens, tokens_per_block)
@@ -157,7 +141,7 @@ class RoundRobin(Policy):
 class LeastLoaded(Policy):
     name = "least_loaded"
 
-    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
         if len(candidates) == 1:
             r = candidates[0]
         else:
@@ -188,7 +172,7 @@ class ConsistentHash(Policy):
         self._points = [p for p, _ in ring]
         self._owners = [o for _, o in ring]
 
-    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now):
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
         by_id = {r.id: r for r in candidates}
         total = sum(r.inflight for r in candidates)
         bound = self.load_factor * (total + 1) / len(candidates)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import random
 import time
+from array import array
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -22,7 +23,8 @@ from prefixlb.index import PrefixIndex
 
 from .policies import Pick, Policy, make_policy
 from .prompt import PromptKey
-from .state import CostParams, ReplicaState
+from .scoring import F_COUNT
+from .state import CostParams, ReplicaState, TierModel
 
 __all__ = ["Decision", "NoReplicaAvailable", "TierRouter"]
 
@@ -49,6 +51,7 @@ class Decision:
     dispatched_at: float | None = None
     backlog_end: float = 0.0
     work_at_dispatch: float = 0.0
+    ctx_at_dispatch: float = 0.0
     first_token_at: float | None = None
     closed: bool = False
     inserted: bool = False
@@ -84,6 +87,12 @@ class TierRouter:
         self.index = PrefixIndex(self._blocks_for_tokens(default_capacity_tokens))
         self.replicas: dict[int, ReplicaState] = {}
         self._ordered: list[ReplicaState] = []
+        self.model = TierModel(self.params)
+        self.slab = array("d")  # one row of F_COUNT doubles per replica id (see scoring.py)
+        self._available: list[ReplicaState] = []
+        self._available_ids = array("I")
+        self._available_dirty = True
+        self._decisions = 0
         self.clock = clock
 
     # -- replica set ------------------------------------------------------------------------
@@ -91,7 +100,14 @@ class TierRouter:
     def add_replica(self, replica_id: int, url: str = "", capacity_tokens: int | None = None) -> ReplicaState:
         if replica_id in self.replicas:
             raise ValueError(f"replica {replica_id} is already in tier {self.name!r}")
-        r = ReplicaState(replica_id, url, self.params)
+        need = (replica_id + 1) * F_COUNT
+        if len(self.slab) < need:
+            grown = array("d", self.slab)
+            grown.extend([0.0] * (need - len(self.slab)))
+            self.slab = grown
+            for other in self.replicas.values():
+                other.rebind(grown)
+        r = ReplicaState(replica_id, url, self.params, self.model, self.slab, self._mark_available_dirty)
         self.replicas[replica_id] = r
         self._reorder()
         self.set_capacity_tokens(replica_id, capacity_tokens or self.default_capacity_tokens)
@@ -118,6 +134,22 @@ class TierRouter:
     def _reorder(self) -> None:
         self._ordered = [self.replicas[k] for k in sorted(self.replicas)]
         self.policy.replicas_changed(self._ordered)
+        self._available_dirty = True
+
+    def _mark_available_dirty(self) -> None:
+        self._available_dirty = True
+
+    def available(self, exclude: Iterable[int] = ()) -> tuple[list[ReplicaState], array]:
+        """The replicas that may take work now (minus ``exclude``), and their ids as array('I')."""
+        if self._available_dirty:
+            self._available = [r for r in self._ordered if r.available]
+            self._available_ids = array("I", [r.id for r in self._available])
+            self._available_dirty = False
+        if not exclude:
+            return self._available, self._available_ids
+        ex = set(exclude)
+        reps = [r for r in self._available if r.id not in ex]
+        return reps, array("I", [r.id for r in reps])
 
     # -- the decision -------------------------------------------------------------------------
 
@@ -129,13 +161,16 @@ class TierRouter:
         """Choose a replica for a prompt; raises NoReplicaAvailable when none can take it."""
         t0 = time.perf_counter()
         now = self.clock() if now is None else now
+        self._decisions += 1
+        if not self._decisions & 63:
+            for r in self._ordered:
+                r.relax(now)
         chain, matches = self.index.lookup(key.data, self.block_bytes, key.seed)
-        excluded = set(exclude)
-        candidates = [r for r in self._ordered if r.available and r.id not in excluded]
+        candidates, ids = self.available(exclude)
         if not candidates:
             raise NoReplicaAvailable(
                 f"no replica of tier {self.name!r} can take the request "
-                f"({len(self._ordered)} known, {len(excluded)} already tried)"
+                f"({len(self._ordered)} known, {len(set(exclude))} already tried)"
             )
         if key.token_ids is not None:
             prompt_tokens = float(key.token_ids)
@@ -143,7 +178,8 @@ class TierRouter:
             prompt_tokens = max(1.0, len(key.data) / self.bytes_per_token)
         kb = self.policy.key_blocks
         prefix_key = chain[min(len(chain), kb) - 1] if len(chain) else xxhash.xxh64_intdigest(key.data, key.seed)
-        pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now)
+        pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now,
+                                        self, ids)
         matched = matches.get(pick.replica.id, 0)
         return Decision(
             replica=pick.replica,
@@ -163,8 +199,8 @@ class TierRouter:
         """The request was sent to ``d.replica``: it will hold the prompt's blocks."""
         now = self.clock() if now is None else now
         r = d.replica
-        d.work_at_dispatch = r.backlog(now) + d.uncached_tokens
-        d.backlog_end = r.on_dispatch(d.uncached_tokens, now)
+        d.work_at_dispatch, d.ctx_at_dispatch = r.features(d.uncached_tokens, now)
+        d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now)
         d.dispatched_at = now
         d.attempts.append(r.id)
         if r.id in self.replicas:
@@ -179,7 +215,7 @@ class TierRouter:
         d.first_token_at = now
         r = d.replica
         r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
-        r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at)
+        r.observe_ttft(d.work_at_dispatch, d.ctx_at_dispatch, now - d.dispatched_at, now)
 
     def finished(self, d: Decision, now: float | None = None, usage: dict | None = None,
                  prompt_text_bytes: int | None = None) -> None:
@@ -191,7 +227,7 @@ class TierRouter:
         r = d.replica
         if d.first_token_at is None:
             r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
-        r.on_finish()
+        r.on_finish(d.prompt_tokens)
         if usage:
             self._learn_from_usage(d, usage, prompt_text_bytes)
 
@@ -202,7 +238,7 @@ class TierRouter:
             return
         now = self.clock() if now is None else now
         d.closed = True
-        d.replica.on_cancel(d.uncached_tokens, now)
+        d.replica.on_cancel(d.uncached_tokens, d.prompt_tokens, now)
         if d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
             self.index.remove_blocks(d.replica.id, d.chain[d.matched_blocks:])
 
@@ -242,6 +278,8 @@ class TierRouter:
                 "backlog_tokens": round(r.backlog(now), 1),
                 "prefill_tokens_per_s": round(r.prefill_rate, 1),
                 "fixed_ms": round(r.fixed_s * 1e3, 2),
+                "ctx_ms_per_100k_tokens": round(r.ctx_s_per_100k * 1e3, 3),
+                "context_tokens": round(r.context),
                 "capacity_tokens": r.capacity_tokens,
                 "capacity_scale": round(r.capacity_scale, 3),
                 "index_blocks": per.get(r.id, {}).get("blocks", 0),

@@ -1,19 +1,30 @@
 """What the router knows about each replica, and how that knowledge moves.
 
-A replica is modelled as one FCFS prefill queue feeding a decode batch (vLLM's scheduler):
+A replica is modelled the way vLLM's scheduler runs it: one FCFS prefill queue, and a batch of
+running sequences that every step must also serve.
 
-* **Prefill backlog** is tracked as a fluid: every dispatch adds the request's uncached prompt
-  tokens; the backlog drains at the replica's prefill rate. A request's tokens sit at position
+* **Prefill backlog** is a fluid: every dispatch adds the request's uncached prompt tokens; the
+  backlog drains at the replica's prefill rate. A request's tokens sit at position
   ``end = backlog_at_dispatch + uncached``; when its first token arrives (or the response ends),
   everything up to ``end`` is known done, which corrects the fluid when the replica was faster
   than modelled. Counting tokens, not requests, is what lets one 30K-token prompt weigh as
   much as it costs.
-* **Time to first token** is predicted as ``fixed + work / rate + interference`` where ``work``
-  is the backlog ahead plus the request's own uncached tokens. ``fixed`` and ``1/rate`` are
-  learned online from observed TTFTs by exponentially weighted least squares, regularised
-  toward the configured prior, so a replica that turns out slower stops attracting work.
-* **Decode interference**: every running sequence adds ``decode_s`` to each prefill step, and
-  a prefill of ``work`` tokens spans ``ceil(work / step_tokens)`` steps.
+* **Context in flight**: the prompt tokens of the requests on the replica. Every step attends
+  over them (and pays per sequence), so a replica decoding many long conversations takes
+  longer per step even when its prefill queue is empty.
+* **Time to first token** is predicted as
+
+      ttft = fixed + work / rate + steps * context * c
+
+  with ``work`` the backlog ahead plus this request's uncached tokens, ``steps`` the prefill
+  steps it spans (``ceil(work / step_tokens)``) and ``context`` the context in flight. The
+  three coefficients are learned online by a :class:`TierModel` from every replica of the
+  tier (replicas of a tier usually share hardware and model): exponentially weighted least
+  squares on centred features, slopes regularised toward the configured priors. Each replica
+  only learns a *speed ratio* to the tier's prediction (shrunk toward 1), so a replica that
+  has served nothing yet predicts exactly like its peers -- a per-replica fit left untried
+  replicas with a stale prior, looking slow for no reason and never chosen -- while a replica
+  that turns out slower than its peers stops attracting work.
 * **Scraped load** (``vllm:num_requests_waiting`` / ``_running``) counts what this balancer did
   not send (other balancers, direct traffic). It is blended in with weight
   ``exp(-age / staleness)``: fresh scrapes count fully, stale ones fade out.
@@ -24,9 +35,28 @@ Everything is a pure function of the calls made on it and the ``now`` passed in.
 from __future__ import annotations
 
 import math
+from array import array
 from dataclasses import dataclass
 
-__all__ = ["CostParams", "ReplicaState"]
+from .scoring import (
+    F_AVG_PROMPT,
+    F_AVG_UNC,
+    F_BACKLOG,
+    F_BACKLOG_T,
+    F_CONTEXT,
+    F_COUNT,
+    F_INFLIGHT,
+    F_KV,
+    F_RATIO,
+    F_RUNNING,
+    F_SCRAPED_AT,
+    F_WAITING,
+)
+
+__all__ = ["CostParams", "ReplicaState", "TierModel"]
+
+_W = 1e4  # work feature unit: 10K tokens
+_C = 1e5  # context feature unit: 100K tokens x steps
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,12 +64,104 @@ class CostParams:
     """Priors and constants of the cost model (per tier; from config)."""
 
     prefill_tokens_per_s: float = 10_000.0  # prior prefill rate of one replica
-    fixed_s: float = 0.010  # prior fixed TTFT: network, tokenization, first step base
-    decode_s: float = 0.0002  # added to a prefill step per running sequence
+    fixed_s: float = 0.010  # prior fixed TTFT: network, tokenization, first step's base
+    ctx_s_per_100k: float = 0.004  # prior step time added per 100K tokens of context in flight
     step_tokens: int = 8192  # vLLM max_num_batched_tokens: prefill tokens per step
     staleness_s: float = 2.0  # scraped load weight decays with this time constant
-    prior_weight: float = 8.0  # how many observations the prior is worth
+    prior_weight: float = 8.0  # how strongly the priors hold against few observations
+    ratio_weight: float = 16.0  # pseudo-observations holding a replica's speed ratio at the tier mean
+    relax_s: float = 10.0  # a replica not observed this long drifts back toward the tier mean
     forget: float = 0.97  # per-observation decay of the TTFT regression
+
+
+class _Regression:
+    """``y = a + b1 x1 + b2 x2`` by exponentially weighted least squares on centred features,
+    each slope regularised toward a prior mean (weights ``lam1``, ``lam2``), the intercept's
+    mean prediction toward the prior's with weight ``lam_c``."""
+
+    __slots__ = ("s", "forget", "n")
+
+    def __init__(self, forget: float) -> None:
+        self.s = [0.0] * 9  # w, x1, x2, y, x1x1, x2x2, x1x2, x1y, x2y
+        self.forget = forget
+        self.n = 0
+
+    def add(self, x1: float, x2: float, y: float) -> None:
+        g, s = self.forget, self.s
+        for i, v in enumerate((1.0, x1, x2, y, x1 * x1, x2 * x2, x1 * x2, x1 * y, x2 * y)):
+            s[i] = g * s[i] + v
+        self.n += 1
+
+    def solve(self, a0: float, b1p: float, b2p: float, lam1: float, lam2: float, lam_c: float
+              ) -> tuple[float, float, float, float, float] | None:
+        """(a, b1, b2, mean x1, mean x2), or None before any observation."""
+        sw, sx1, sx2, sy, s11, s22, s12, s1y, s2y = self.s
+        if sw <= 0.0:
+            return None
+        m1, m2, my = sx1 / sw, sx2 / sw, sy / sw
+        c12 = s12 - sw * m1 * m2
+        a11 = s11 - sw * m1 * m1 + lam1
+        a22 = s22 - sw * m2 * m2 + lam2
+        r1 = s1y - sw * m1 * my + lam1 * b1p
+        r2 = s2y - sw * m2 * my + lam2 * b2p
+        det = a11 * a22 - c12 * c12
+        if det <= 0.0:
+            return None
+        b1 = (r1 * a22 - c12 * r2) / det
+        b2 = (a11 * r2 - c12 * r1) / det
+        c = (sw * my + lam_c * (a0 + b1p * m1 + b2p * m2)) / (sw + lam_c)
+        return c - b1 * m1 - b2 * m2, b1, b2, m1, m2
+
+
+def _clamp(p: CostParams, a: float, b1: float, b2: float, m1: float, m2: float) -> tuple[float, float, float]:
+    """Keep coefficients in a sane band around the configured priors (a misconfigured prior is
+    corrected; a burst of outliers cannot make a replica look free or infinitely slow) while
+    keeping the prediction at the observed operating point, which the data pins down best: an
+    intercept that would go negative is set to 0 by scaling the slopes, not by shifting the
+    line (which biased every prediction upward while a wrong prior still held the slope)."""
+    c = a + b1 * m1 + b2 * m2  # the prediction at the mean observation
+    b1p = _W / p.prefill_tokens_per_s
+    b1 = min(max(b1, 0.02 * b1p), 50 * b1p)
+    b2 = min(max(b2, 0.0), 50 * p.ctx_s_per_100k + 0.05)
+    a = c - b1 * m1 - b2 * m2
+    if a < 0.0:
+        slope_part = b1 * m1 + b2 * m2
+        if c > 0.0 and slope_part > 0.0:
+            f = max(c / slope_part, 0.02 * b1p / b1 if b1 > 0 else 0.0)
+            b1, b2 = b1 * f, b2 * f
+        a = 0.0
+    return min(a, max(5.0, 20 * p.fixed_s)), b1, b2
+
+
+class TierModel:
+    """The TTFT coefficients of a tier, learned from all its replicas' observations."""
+
+    __slots__ = ("params", "fixed", "inv_rate", "ctx_coef", "_reg", "mean_ratio")
+
+    def __init__(self, params: CostParams | None = None) -> None:
+        self.params = p = params or CostParams()
+        self.fixed = p.fixed_s
+        self.inv_rate = 1.0 / p.prefill_tokens_per_s
+        self.ctx_coef = p.ctx_s_per_100k
+        self._reg = _Regression(p.forget)
+        self.mean_ratio = 1.0  # what an observed replica's TTFT is, on average, over predict()
+
+    def observe(self, x1: float, x2: float, y: float) -> None:
+        p = self.params
+        self._reg.add(x1, x2, y)
+        fit = self._reg.solve(p.fixed_s, _W / p.prefill_tokens_per_s, p.ctx_s_per_100k,
+                              0.0025 * p.prior_weight, 0.01 * p.prior_weight, 0.1 * p.prior_weight)
+        if fit is None:
+            return
+        a, b1, b2 = _clamp(p, *fit)
+        self.fixed, self.inv_rate, self.ctx_coef = a, b1 / _W, b2
+
+    def predict(self, work: float, steps_ctx: float) -> float:
+        return self.fixed + work * self.inv_rate + steps_ctx * (self.ctx_coef / _C)
+
+    @property
+    def observations(self) -> int:
+        return self._reg.n
 
 
 class ReplicaState:
@@ -48,53 +170,119 @@ class ReplicaState:
     __slots__ = (
         "id",
         "url",
-        "eligible",
-        "draining",
+        "_eligible",
+        "_draining",
+        "_slab",
+        "_on_availability",
         "inflight",
+        "context",
         "_backlog",
         "_backlog_t",
-        "_fixed",
-        "_inv_rate",
-        "_sw",
-        "_sx",
-        "_sy",
-        "_sxx",
-        "_sxy",
+        "ratio",
+        "_num",
+        "_den",
+        "_last_obs",
+        "tier",
         "params",
         "scraped_waiting",
         "scraped_running",
         "scraped_kv_usage",
         "scraped_at",
         "avg_uncached",
+        "avg_prompt",
         "capacity_tokens",
         "capacity_scale",
+        "observations",
     )
 
-    def __init__(self, replica_id: int, url: str = "", params: CostParams | None = None) -> None:
+    def __init__(self, replica_id: int, url: str = "", params: CostParams | None = None,
+                 tier: TierModel | None = None, slab: array | None = None, on_availability=None) -> None:
         self.id = replica_id
         self.url = url
-        self.eligible = True  # healthy, breaker closed
-        self.draining = False  # admin: no new work, in-flight finishes
+        self._eligible = True  # healthy, breaker closed
+        self._draining = False  # admin: no new work, in-flight finishes
+        self._on_availability = on_availability
+        if slab is None:
+            slab = array("d", bytes(8 * F_COUNT * (replica_id + 1)))
+        self._slab = slab
         self.inflight = 0
-        self.params = params or CostParams()
+        self.context = 0.0  # prompt tokens of the requests in flight
+        self.params = p = params or CostParams()
         self._backlog = 0.0
         self._backlog_t = 0.0
-        self._fixed = self.params.fixed_s
-        self._inv_rate = 1.0 / self.params.prefill_tokens_per_s
-        self._sw = self._sx = self._sy = self._sxx = self._sxy = 0.0
+        self.ratio = 1.0  # this replica's TTFT / the tier model's prediction (learned)
+        self._num = self._den = 0.0
+        self._last_obs = 0.0
+        self.observations = 0
+        self.tier = tier if tier is not None else TierModel(p)
         self.scraped_waiting = 0.0
         self.scraped_running = 0.0
         self.scraped_kv_usage = 0.0
         self.scraped_at = -math.inf
         self.avg_uncached = 512.0
+        self.avg_prompt = 1024.0
         self.capacity_tokens: int | None = None
         self.capacity_scale = 1.0
+        self._sync()
+
+    # -- the scoring slab ------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        """Write this replica's row of the tier's slab (what the native scoring loop reads)."""
+        s, b = self._slab, self.id * F_COUNT
+        s[b + F_BACKLOG] = self._backlog
+        s[b + F_BACKLOG_T] = self._backlog_t
+        s[b + F_RATIO] = self.ratio if self.observations else -1.0
+        s[b + F_CONTEXT] = self.context
+        s[b + F_SCRAPED_AT] = self.scraped_at
+        s[b + F_WAITING] = self.scraped_waiting
+        s[b + F_RUNNING] = self.scraped_running
+        s[b + F_KV] = self.scraped_kv_usage
+        s[b + F_AVG_UNC] = self.avg_uncached
+        s[b + F_AVG_PROMPT] = self.avg_prompt
+        s[b + F_INFLIGHT] = self.inflight
+
+    def rebind(self, slab: array) -> None:
+        """Move to another slab (the router grows it when a replica with a larger id joins)."""
+        self._slab = slab
+        self._sync()
+
+    @property
+    def eligible(self) -> bool:
+        return self._eligible
+
+    @eligible.setter
+    def eligible(self, value: bool) -> None:
+        if value != self._eligible:
+            self._eligible = value
+            if self._on_availability:
+                self._on_availability()
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        if value != self._draining:
+            self._draining = value
+            if self._on_availability:
+                self._on_availability()
 
     # -- reading ---------------------------------------------------------------------------
 
     @property
     def available(self) -> bool:
-        return self.eligible and not self.draining
+        return self._eligible and not self._draining
+
+    @property
+    def speed_ratio(self) -> float:
+        """This replica's TTFT over the tier model's prediction (an untried one: the tier's mean)."""
+        return self.ratio if self.observations else self.tier.mean_ratio
+
+    @property
+    def _inv_rate(self) -> float:
+        return self.tier.inv_rate * self.speed_ratio
 
     @property
     def prefill_rate(self) -> float:
@@ -102,58 +290,63 @@ class ReplicaState:
 
     @property
     def fixed_s(self) -> float:
-        return self._fixed
+        return self.tier.fixed * self.speed_ratio
 
-    def backlog(self, now: float) -> float:
-        """Prefill tokens ahead of a request dispatched now (own fluid + fresh scraped)."""
-        own = self._backlog - self._drained(now)
-        own = own if own > 0.0 else 0.0
-        w = self._freshness(now)
-        if w > 0.0:
-            own_waiting = min(self.inflight, own / self.avg_uncached)
-            extra = self.scraped_waiting - own_waiting
-            if extra > 0.0:
-                own += w * extra * self.avg_uncached
-        return own
+    @property
+    def ctx_s_per_100k(self) -> float:
+        return self.tier.ctx_coef * self.speed_ratio
 
-    def running(self, now: float) -> float:
-        """Sequences decoding on the replica (own in-flight, or more if a fresh scrape says so)."""
-        w = self._freshness(now)
-        if w > 0.0 and self.scraped_running > self.inflight:
-            return self.inflight + w * (self.scraped_running - self.inflight)
-        return float(self.inflight)
-
-    def predict_ttft(self, uncached_tokens: float, now: float) -> float:
-        """Predicted seconds to first token for a request with this many uncached tokens.
-
-        The hot path of every decision (called once per candidate replica), so the common
-        case -- no fresh scrape to blend in -- is computed inline.
-        """
+    def loads(self, now: float) -> tuple[float, float]:
+        """(prefill tokens queued ahead of a request dispatched now, context tokens in flight),
+        own accounting plus whatever a fresh scrape shows beyond it."""
         dt = now - self._backlog_t
         own = self._backlog - dt / self._inv_rate if dt > 0.0 else self._backlog
         if own < 0.0:
             own = 0.0
-        running = self.inflight
+        ctx = self.context
         if now - self.scraped_at <= 8 * self.params.staleness_s:
             w = self._freshness(now)
-            extra = self.scraped_waiting - min(self.inflight, own / self.avg_uncached)
-            if extra > 0.0:
-                own += w * extra * self.avg_uncached
-            if self.scraped_running > running:
-                running = running + w * (self.scraped_running - running)
+            extra_wait = self.scraped_waiting - min(self.inflight, own / self.avg_uncached)
+            if extra_wait > 0.0:
+                own += w * extra_wait * self.avg_uncached
+            extra_seqs = self.scraped_running + self.scraped_waiting - self.inflight
+            if extra_seqs > 0.0:
+                ctx += w * extra_seqs * self.avg_prompt
+        return own, ctx
+
+    def backlog(self, now: float) -> float:
+        return self.loads(now)[0]
+
+    def features(self, uncached_tokens: float, now: float) -> tuple[float, float]:
+        """(work, steps x context) for a request with this many uncached tokens, in tokens."""
+        own, ctx = self.loads(now)
         work = own + uncached_tokens
-        p = self.params
-        steps = -(-work // p.step_tokens) if work > 0 else 1
-        return self._fixed + work * self._inv_rate + running * p.decode_s * steps
+        steps = math.ceil(work / self.params.step_tokens) if work > 0.0 else 1.0
+        return work, steps * ctx
+
+    def predict_ttft(self, uncached_tokens: float, now: float) -> float:
+        """Predicted seconds to first token for a request with this many uncached tokens.
+
+        The hot path of every decision (once per candidate replica); kept to plain arithmetic.
+        """
+        t = self.tier
+        ratio = self.ratio if self.observations else t.mean_ratio
+        inv = t.inv_rate * ratio
+        dt = now - self._backlog_t
+        own = self._backlog - dt / inv if dt > 0.0 else self._backlog
+        if own < 0.0:
+            own = 0.0
+        ctx = self.context
+        if now - self.scraped_at <= 8 * self.params.staleness_s:
+            own, ctx = self.loads(now)
+        work = own + uncached_tokens
+        steps = math.ceil(work / self.params.step_tokens) if work > 0.0 else 1.0
+        return ratio * (t.fixed + work * t.inv_rate + steps * ctx * (t.ctx_coef / _C))
 
     def load(self, now: float) -> float:
         """Seconds of queued work, cache-blind (the least-loaded baseline's measure)."""
-        return self.backlog(now) * self._inv_rate + self.running(now) * self.params.decode_s
-
-    def _drained(self, now: float) -> float:
-        """Prefill tokens the replica worked through since the backlog was last set."""
-        dt = now - self._backlog_t
-        return dt / self._inv_rate if dt > 0.0 else 0.0
+        own, ctx = self.loads(now)
+        return self.speed_ratio * (own * self.tier.inv_rate + ctx * (self.tier.ctx_coef / _C))
 
     def _freshness(self, now: float) -> float:
         age = now - self.scraped_at
@@ -161,16 +354,22 @@ class ReplicaState:
             return 0.0
         return math.exp(-max(0.0, age) / self.params.staleness_s)
 
+    def _drained(self, now: float) -> float:
+        dt = now - self._backlog_t
+        return dt / self._inv_rate if dt > 0.0 else 0.0
+
     # -- writing (called through the router's hooks) -----------------------------------------
 
-    def on_dispatch(self, uncached_tokens: float, now: float) -> float:
+    def on_dispatch(self, uncached_tokens: float, prompt_tokens: float, now: float) -> float:
         """Queue a request's prefill; returns its end position in the backlog (tokens)."""
         own = self._backlog - self._drained(now)
-        own = own if own > 0.0 else 0.0
-        self._backlog = own + uncached_tokens
+        self._backlog = (own if own > 0.0 else 0.0) + uncached_tokens
         self._backlog_t = now
         self.inflight += 1
+        self.context += prompt_tokens
         self.avg_uncached += 0.05 * (max(uncached_tokens, 1.0) - self.avg_uncached)
+        self.avg_prompt += 0.05 * (max(prompt_tokens, 1.0) - self.avg_prompt)
+        self._sync()
         return self._backlog
 
     def on_prefill_done(self, end: float, dispatched_at: float, now: float) -> None:
@@ -183,59 +382,71 @@ class ReplicaState:
             own = max(0.0, own - left)
         self._backlog = own
         self._backlog_t = now
+        self._sync()
 
-    def on_finish(self) -> None:
+    def on_finish(self, prompt_tokens: float) -> None:
         self.inflight = max(0, self.inflight - 1)
+        self.context = max(0.0, self.context - prompt_tokens) if self.inflight else 0.0
+        self._sync()
 
-    def on_cancel(self, uncached_tokens: float, now: float) -> None:
+    def on_cancel(self, uncached_tokens: float, prompt_tokens: float, now: float) -> None:
         """A dispatched request never reached the replica: take its work back."""
         own = self._backlog - self._drained(now)
         self._backlog = max(0.0, own - uncached_tokens)
         self._backlog_t = now
-        self.inflight = max(0, self.inflight - 1)
+        self.on_finish(prompt_tokens)
 
-    def observe_ttft(self, work_tokens: float, ttft_s: float) -> None:
-        """Learn ``ttft = fixed + work / rate`` from one observation.
+    def observe_ttft(self, work_tokens: float, steps_ctx_tokens: float, ttft_s: float,
+                     now: float | None = None) -> None:
+        """Learn from one observed TTFT: the tier's coefficients, and this replica's ratio to them.
 
-        Exponentially weighted least squares on centred data: the mean prediction (the
-        operating point) comes from the observations with a light prior; the slope (1/rate) is
-        regularised toward the prior only as far as the spread of prompt sizes cannot pin it
-        down. (Regularising intercept and slope alike let a wrong prior drag the slope.)
+        The ratio is an exponentially weighted ratio of sums (observed / predicted), with
+        ``prior_weight`` pseudo-observations at 1, so a few slow answers move it, noise does not.
         """
-        if not (ttft_s > 0.0 and work_tokens >= 0.0) or ttft_s > 600.0:
+        if not (ttft_s > 0.0 and work_tokens >= 0.0 and steps_ctx_tokens >= 0.0) or ttft_s > 600.0:
             return
-        p = self.params
-        g = p.forget
-        x = work_tokens / 1e4  # scaled so both coefficients are O(1)
-        self._sw = g * self._sw + 1.0
-        self._sx = g * self._sx + x
-        self._sy = g * self._sy + ttft_s
-        self._sxx = g * self._sxx + x * x
-        self._sxy = g * self._sxy + x * ttft_s
-        a0 = p.fixed_s
-        b0 = 1e4 / p.prefill_tokens_per_s
-        xb = self._sx / self._sw
-        yb = self._sy / self._sw
-        sxx = self._sxx - self._sw * xb * xb
-        sxy = self._sxy - self._sw * xb * yb
-        lam_b = 0.0025 * p.prior_weight  # a spread of ~500 tokens over a few requests outweighs it
-        b = (sxy + lam_b * b0) / (sxx + lam_b)
-        lam_c = 0.25 * p.prior_weight
-        c = (self._sw * yb + lam_c * (a0 + b0 * xb)) / (self._sw + lam_c)
-        # keep within a sane band around the prior (a misconfigured prior is corrected, a
-        # burst of outliers cannot make a replica look free or infinitely slow)
-        b = min(max(b, 0.05 * b0), 20 * b0)
-        self._inv_rate = b / 1e4
-        self._fixed = min(max(c - b * xb, 0.0), max(5.0, 20 * a0))
+        t = self.tier
+        t.observe(work_tokens / _W, steps_ctx_tokens / _C, ttft_s)
+        pred = t.predict(work_tokens, steps_ctx_tokens)
+        if pred <= 0.0:
+            return
+        g = self.params.forget
+        t.mean_ratio += (1.0 - g) * (min(4.0, max(0.25, ttft_s / pred)) - t.mean_ratio)
+        self._num = g * self._num + ttft_s
+        self._den = g * self._den + pred
+        self.observations += 1
+        if now is not None:
+            self._last_obs = now
+        self._update_ratio()
+
+    def _update_ratio(self) -> None:
+        # ratio_weight pseudo-observations at the tier's mean ratio: a replica is called slower or
+        # faster than its peers only on consistent evidence, never on a couple of unlucky answers
+        t = self.tier
+        n = min(self.observations, 1.0 / (1.0 - self.params.forget))
+        k = self.params.ratio_weight * self._den / max(n, 1.0)
+        self.ratio = min(4.0, max(0.25, (self._num + k * t.mean_ratio) / (self._den + k)))
+        self._sync()
+
+    def relax(self, now: float) -> None:
+        """Evidence fades: a replica not observed for ``relax_s`` (often because it was judged
+        slow and avoided) drifts back toward its peers, so it is tried again and re-measured."""
+        if self.observations and now - self._last_obs > self.params.relax_s:
+            self._num *= 0.5
+            self._den *= 0.5
+            self._last_obs = now
+            self._update_ratio()
 
     def observe_scrape(self, waiting: float, running: float, kv_usage: float, now: float) -> None:
         self.scraped_waiting = max(0.0, waiting)
         self.scraped_running = max(0.0, running)
         self.scraped_kv_usage = min(max(kv_usage, 0.0), 1.0)
         self.scraped_at = now
+        self._sync()
 
     def __repr__(self) -> str:
         return (
-            f"ReplicaState(id={self.id}, url={self.url!r}, available={self.available}, "
-            f"inflight={self.inflight}, rate={self.prefill_rate:.0f} tok/s, fixed={self._fixed * 1e3:.1f} ms)"
+            f"ReplicaState(id={self.id}, url={self.url!r}, available={self.available}, inflight={self.inflight}, "
+            f"rate={self.prefill_rate:.0f} tok/s, fixed={self.fixed_s * 1e3:.1f} ms, "
+            f"ctx={self.ctx_s_per_100k * 1e3:.2f} ms/100K tok/step, ratio={self.speed_ratio:.2f})"
         )

@@ -1,0 +1,621 @@
+"""The balancer: OpenAI-compatible HTTP in front of tiers of vLLM replicas.
+
+Request path (one straight line, DESIGN.md): parse the body once -> resolve the tier ->
+prompt key -> ``TierRouter.decide`` (hash + match + cost model) -> forward on a pooled
+keep-alive connection -> stream the replica's bytes back unchanged -> feedback hooks.
+
+Retries: a request that fails before its first byte reached the client (connect error, 5xx or
+429 from the replica, no response in time) is sent to the next best replica, up to
+``max_attempts``. Once a byte went to the client it is never retried: a failing stream ends
+with an OpenAI-style error event and ``data: [DONE]``. Every dispatched decision is closed by
+exactly one router hook in a ``finally``, so a client that disconnects (the HTTP layer cancels
+this handler) releases everything it held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from prefixlb import errors
+from prefixlb.config import Config, ConfigError, check_url
+from prefixlb.fleet.breaker import BreakerConfig
+from prefixlb.fleet.monitor import FleetMonitor, fetch_models
+from prefixlb.fleet.replica import Replica
+from prefixlb.routing import CostParams, NoReplicaAvailable, PromptError, TierRouter, make_policy, prompt_key
+from prefixlb.routing.prompt import PromptKey
+from prefixlb.routing.router import Decision
+
+from .http import (
+    ClientDisconnected,
+    HTTPServer,
+    Limits,
+    Request,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeout,
+    end_to_end,
+)
+from .metrics import BalancerMetrics
+
+__all__ = ["Balancer"]
+
+log = logging.getLogger("prefixlb.server")
+
+_JSON = (b"content-type", b"application/json")
+_FORWARD = frozenset({b"authorization", b"x-request-id", b"traceparent", b"tracestate", b"accept",
+                      b"x-vllm-priority", b"x-session-id", b"x-data-parallel-rank"})
+_COMPLETIONS = {"/v1/chat/completions": True, "/v1/completions": False}
+_RETRYABLE = frozenset({429, 500, 502, 503, 504})
+_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class Tier:
+    name: str
+    model: str | None  # configured served-model name (None: learned from replicas)
+    router: TierRouter
+    input_per_mtok: float = 0.0
+    output_per_mtok: float = 0.0
+    replicas: dict[int, Replica] = field(default_factory=dict)
+
+    def served_models(self) -> set[str]:
+        names = {self.model} if self.model else set()
+        for r in self.replicas.values():
+            names |= r.models
+        return names
+
+
+class Balancer:
+    def __init__(self, config: Config, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.config = config
+        self.clock = clock
+        self.tiers: dict[str, Tier] = {}
+        self.replicas: dict[int, Replica] = {}
+        self.pools: dict[int, UpstreamPool] = {}
+        self._next_id = 0
+        self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
+        self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
+                                      open_s=config.breaker_open_s)
+        self.metrics = BalancerMetrics(self._state_rows)
+        self._children: dict[tuple, object] = {}
+        for i, t in enumerate(config.tiers):
+            c = t.cost
+            params = CostParams(prefill_tokens_per_s=c.prefill_tokens_per_s, fixed_s=c.fixed_ms / 1e3,
+                                ctx_s_per_100k=c.ctx_ms_per_100k_tokens / 1e3, step_tokens=c.step_tokens)
+            policy_kw = {"pressure_weight": config.pressure_weight} if config.policy == "cache_aware" else {}
+            rng = random.Random(config.seed + i)
+            router = TierRouter(t.name, policy=make_policy(config.policy, rng, **policy_kw), params=params,
+                                block_bytes=config.block_bytes, bytes_per_token=config.bytes_per_token,
+                                seed=config.seed + i, clock=clock)
+            tier = Tier(t.name, t.model, router, t.input_per_mtok, t.output_per_mtok)
+            self.tiers[t.name] = tier
+            for rc in t.replicas:
+                self._add_replica(tier, rc.url, rc.capacity_tokens)
+        self.server = HTTPServer(self.handle, limits=Limits(max_body_bytes=config.max_body_bytes,
+                                                            max_header_bytes=config.max_header_bytes,
+                                                            request_timeout=60.0))
+        self.monitor = FleetMonitor(
+            lambda: list(self.replicas.values()),
+            health_interval=config.health_interval_s, health_timeout=config.health_timeout_s,
+            fail_threshold=config.health_fail_threshold, pass_threshold=config.health_pass_threshold,
+            scrape_interval=config.scrape_interval_s, scrape_timeout=config.scrape_timeout_s,
+            on_health=self._sync, on_scrape=self._on_scrape, clock=clock,
+        )
+        self._ticker: asyncio.Task | None = None
+        self._closing = False
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def start(self, host: str | None = None, port: int | None = None, *, sock=None,
+                    reuse_port: bool = False) -> None:
+        await self.monitor.start()
+        await self._learn_models()
+        await self.server.serve(host or self.config.host, self.config.port if port is None else port,
+                                sock=sock, reuse_port=reuse_port)
+        self._ticker = asyncio.create_task(self._tick(), name="prefixlb-eligibility")
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        self._closing = True
+        await self.server.close(self.config.drain_timeout_s if drain_timeout is None else drain_timeout)
+        if self._ticker:
+            self._ticker.cancel()
+            await asyncio.gather(self._ticker, return_exceptions=True)
+        await self.monitor.stop()
+        await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
+
+    async def _learn_models(self) -> None:
+        session = self.monitor.session
+        results = await asyncio.gather(*(fetch_models(session, r.url, self.config.health_timeout_s * 2)
+                                         for r in self.replicas.values()))
+        for r, models in zip(list(self.replicas.values()), results):
+            r.models |= models
+
+    async def _tick(self) -> None:
+        # open -> half-open breakers become routable with time, not with an event
+        while True:
+            await asyncio.sleep(0.25)
+            for r in self.replicas.values():
+                self._sync(r)
+
+    # -- replica set ------------------------------------------------------------------------------
+
+    def _add_replica(self, tier: Tier, url: str, capacity_tokens: int | None) -> Replica:
+        rid = self._next_id
+        self._next_id += 1
+        r = Replica.make(rid, url, tier.name, self._breaker)
+        tier.replicas[rid] = r
+        self.replicas[rid] = r
+        self.pools[rid] = UpstreamPool(url, connect_timeout=self.config.connect_timeout_s)
+        tier.router.add_replica(rid, url, capacity_tokens)
+        if capacity_tokens is not None:
+            self._capacity_configured.add(rid)
+        return r
+
+    def _sync(self, r: Replica) -> None:
+        tier = self.tiers.get(r.tier)
+        if tier is None or r.id not in tier.router.replicas:
+            return
+        s = tier.router.replicas[r.id]
+        s.eligible = r.healthy and r.breaker.available(self.clock())
+        s.draining = r.draining
+
+    def _on_scrape(self, r: Replica) -> None:
+        tier = self.tiers.get(r.tier)
+        if tier is None or r.id not in tier.router.replicas or r.scraped is None:
+            return
+        s = tier.router.replicas[r.id]
+        sc = r.scraped
+        s.observe_scrape(sc.waiting, sc.running, sc.kv_usage, r.scraped_at)
+        cap = sc.kv_capacity_tokens
+        if cap and r.id not in self._capacity_configured and cap != s.capacity_tokens:
+            tier.router.set_capacity_tokens(r.id, cap)
+
+    def _state_rows(self) -> list[dict]:
+        now = self.clock()
+        rows = []
+        for tier in self.tiers.values():
+            per = tier.router.index.stats()["per_replica"]
+            for rid, r in tier.replicas.items():
+                s = tier.router.replicas.get(rid)
+                if s is None:
+                    continue
+                rows.append({
+                    "tier": tier.name, "url": r.url, "inflight": s.inflight, "backlog_tokens": s.backlog(now),
+                    "healthy": r.healthy, "available": s.available, "breaker": r.breaker.state,
+                    "prefill_tokens_per_s": s.prefill_rate, "index_blocks": per.get(rid, {}).get("blocks", 0),
+                    "index_evictions": per.get(rid, {}).get("evictions", 0),
+                })
+        return rows
+
+    # -- HTTP entry point ------------------------------------------------------------------------------
+
+    async def handle(self, req: Request) -> None:
+        try:
+            path = req.path
+            if path in _COMPLETIONS:
+                if req.method != "POST":
+                    raise errors.MethodNotAllowed(f"{path} takes POST")
+                await self._completion(req, _COMPLETIONS[path])
+            elif path == "/v1/models":
+                self._need(req, "GET")
+                req.respond_json(200, self._models_body())
+            elif path in ("/health", "/healthz", "/ready"):
+                self._need(req, "GET")
+                self._health(req)
+            elif path == "/metrics":
+                self._need(req, "GET")
+                req.respond(200, ((b"content-type", CONTENT_TYPE_LATEST.encode()),),
+                            generate_latest(self.metrics.registry))
+            elif path.startswith("/admin/"):
+                self._admin(req)
+            else:
+                raise errors.NotFound(f"no route {req.method} {path}")
+        except errors.PrefixlbError as e:
+            if not req.prepared:
+                hdrs = [(k.encode(), v.encode()) for k, v in e.headers.items()]
+                req.respond_json(e.status, e.body(), hdrs)
+        except ClientDisconnected:
+            pass
+
+    @staticmethod
+    def _need(req: Request, method: str) -> None:
+        if req.method != method and not (method == "GET" and req.method == "HEAD"):
+            raise errors.MethodNotAllowed(f"{req.path} takes {method}")
+
+    def _health(self, req: Request) -> None:
+        now = self.clock()
+        up = sum(1 for r in self.replicas.values() if r.available(now))
+        if self._closing:
+            req.respond_json(503, orjson.dumps({"status": "draining", "available_replicas": up}))
+        elif up:
+            req.respond_json(200, orjson.dumps({"status": "ok", "available_replicas": up,
+                                                "replicas": len(self.replicas)}))
+        else:
+            req.respond_json(503, orjson.dumps({"status": "no available replica", "available_replicas": 0}),
+                             ((b"retry-after", b"1"),))
+
+    def _models_body(self) -> bytes:
+        data, seen = [], set()
+        created = int(time.time())
+        for tier in self.tiers.values():
+            for name in [tier.name, *sorted(tier.served_models())]:
+                if name not in seen:
+                    seen.add(name)
+                    data.append({"id": name, "object": "model", "created": created, "owned_by": "prefixlb",
+                                 "root": name, "parent": None, "tier": tier.name})
+        data.append({"id": "auto", "object": "model", "created": created, "owned_by": "prefixlb",
+                     "root": "auto", "parent": None, "tier": self.config.default})
+        return orjson.dumps({"object": "list", "data": data})
+
+    # -- the proxy ---------------------------------------------------------------------------------------
+
+    def _resolve(self, model: str | None) -> Tier:
+        if model is None or model == "auto":
+            return self.tiers[self.config.default]
+        tier = self.tiers.get(model)
+        if tier is not None:
+            return tier
+        for t in self.tiers.values():
+            if model in t.served_models():
+                return t
+        raise errors.ModelNotFound(f"The model `{model}` does not exist. Known: "
+                                   f"{', '.join(sorted(self._known_models()))}", param="model")
+
+    def _known_models(self) -> set[str]:
+        names = {"auto"}
+        for t in self.tiers.values():
+            names.add(t.name)
+            names |= t.served_models()
+        return names
+
+    def _child(self, metric, *labels):
+        key = (id(metric), labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    async def _completion(self, req: Request, chat: bool) -> None:
+        ctype = req.header(b"content-type")
+        if ctype is None or not ctype.split(b";", 1)[0].strip().lower() == b"application/json":
+            raise errors.UnsupportedMediaType("Content-Type must be application/json")
+        try:
+            body = orjson.loads(req.body)
+        except orjson.JSONDecodeError as exc:
+            raise errors.BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise errors.BadRequest("request body must be a JSON object")
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise errors.BadRequest("'model' must be a string", param="model")
+        stream = body.get("stream", False)
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            raise errors.BadRequest("'stream' must be a boolean", param="stream")
+        tier = self._resolve(model)
+        try:
+            key = prompt_key(body, chat)
+        except PromptError as exc:
+            raise errors.BadRequest(str(exc), param="messages" if chat else "prompt") from None
+        started = time.perf_counter()
+        await self._forward(req, tier, body, model, key, stream, started)
+
+    def _upstream_body(self, req: Request, body: dict, model: str | None, replica: Replica, tier: Tier) -> bytes:
+        target = tier.model or (min(replica.models) if replica.models else None)
+        if target is None or model == target:
+            return req.body
+        body["model"] = target
+        return orjson.dumps(body)
+
+    async def _forward(self, req: Request, tier: Tier, body: dict, model: str | None, key, stream: bool,
+                       started: float) -> None:
+        router = tier.router
+        cfg = self.config
+        headers = [(k, v) for k, v in req.headers if k in _FORWARD]
+        if req.header(b"x-request-id") is None:
+            headers.append((b"x-request-id", os.urandom(12).hex().encode()))
+        headers.append(_JSON)
+        tried: list[int] = []
+        last: errors.PrefixlbError | None = None
+        attempts = 0
+        while attempts < cfg.max_attempts:
+            now = self.clock()
+            try:
+                d = router.decide(key, now, exclude=tried)
+            except NoReplicaAvailable as exc:
+                if last is not None:
+                    raise last from None
+                raise errors.NoReplicaAvailable(f"{exc}; retry shortly", headers={"retry-after": "1"}) from None
+            replica = self.replicas[d.replica.id]
+            tried.append(replica.id)
+            if not replica.breaker.allows(now):  # half-open with its probe already out
+                self._sync(replica)
+                continue
+            attempts += 1
+            self._child(self.metrics.decision_seconds, tier.name).observe(d.decision_s)
+            ub = self._upstream_body(req, body, model, replica, tier)
+            router.dispatched(d, now)
+            outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key)
+            if outcome is None:
+                return
+            last = outcome
+            self._child(self.metrics.retries, tier.name, type(outcome).__name__).inc()
+        assert last is not None
+        raise last
+
+    async def _attempt(self, req, tier: Tier, replica: Replica, d: Decision, headers, ub: bytes, stream: bool,
+                       started: float, key: PromptKey) -> errors.PrefixlbError | None:
+        """One attempt on one replica. Returns an error to retry elsewhere, or None when the
+        client has been answered (successfully or not)."""
+        router = tier.router
+        cfg = self.config
+        pool = self.pools[replica.id]
+        resp = None
+        closed = False
+        try:
+            try:
+                resp = await pool.request("POST", req.path, headers, ub,
+                                          timeout_first_byte=cfg.first_byte_timeout_s,
+                                          read_timeout=cfg.stream_idle_timeout_s)
+            except UpstreamError as exc:
+                router.failed(d, self.clock())
+                closed = True
+                self._replica_failed(replica, str(exc))
+                cls = errors.UpstreamTimedOut if isinstance(exc, UpstreamTimeout) else errors.UpstreamFailed
+                return cls(f"replica {replica.url} failed: {exc}")
+            if resp.status in _RETRYABLE:
+                status = resp.status
+                text = resp_status_text(await self._read_all(resp))
+                resp = None
+                router.failed(d, self.clock())
+                closed = True
+                self._replica_failed(replica, f"HTTP {status}: {text}")
+                return errors.UpstreamFailed(f"replica {replica.url} answered {status}: {text}")
+            replica.breaker.record(True, self.clock())
+            extra = ((b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", replica.url.encode()))
+            ctype = resp.header(b"content-type") or b""
+            if stream and resp.status == 200 and b"event-stream" in ctype:
+                usage = await self._relay_stream(req, resp, tier, replica, d, extra, started)
+            else:
+                usage = await self._relay_whole(req, resp, tier, replica, d, extra)
+            status, resp = resp.status, None
+            router.finished(d, self.clock(), usage,
+                            prompt_text_bytes=key.text_bytes if key.token_ids is None else None)
+            closed = True
+            self._account(tier, replica, d, usage, started, status)
+            return None
+        finally:
+            if resp is not None:
+                resp.abort()  # client gone or cancelled: the replica stops generating
+            if not closed:
+                if d.first_token_at is None and d.dispatched_at is not None and not req.prepared:
+                    router.failed(d, self.clock())
+                else:
+                    router.finished(d, self.clock())
+                if req.is_disconnected:
+                    self._child(self.metrics.client_disconnects, tier.name).inc()
+
+    async def _read_all(self, resp) -> bytes:
+        chunks = []
+        try:
+            while True:
+                c = await resp.read_chunk()
+                if not c:
+                    break
+                chunks.append(c)
+            await resp.release()
+        except UpstreamError:
+            resp.abort()
+        return b"".join(chunks)
+
+    async def _relay_whole(self, req, resp, tier, replica, d, extra) -> dict | None:
+        body = await self._read_all(resp)
+        headers = end_to_end(resp.headers)
+        headers.extend(extra)
+        req.respond(resp.status, headers, body)
+        if resp.status != 200:
+            return None
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        u = parsed.get("usage") if isinstance(parsed, dict) else None
+        return u if isinstance(u, dict) else None
+
+    async def _relay_stream(self, req, resp, tier, replica, d, extra, started) -> dict | None:
+        router = tier.router
+        headers = end_to_end(resp.headers)
+        headers.extend(extra)
+        out = req.start(resp.status, headers)
+        tail = b""
+        first = True
+        try:
+            while True:
+                chunk = await resp.read_chunk()
+                if not chunk:
+                    break
+                if first:
+                    first = False
+                    now = self.clock()
+                    router.first_token(d, now)
+                    self._child(self.metrics.ttft_seconds, tier.name, replica.url).observe(
+                        time.perf_counter() - started)
+                await out.write(chunk)
+                tail = (tail + chunk)[-8192:]
+            await resp.release()
+            await out.end()
+        except UpstreamError as exc:
+            # after the first byte: never retried; end the stream with an error event
+            resp.abort()
+            self._replica_failed(replica, str(exc))
+            self._child(self.metrics.stream_errors, tier.name).inc()
+            err = orjson.dumps({"error": {"message": f"the replica failed mid-stream: {exc}",
+                                          "type": "upstream_error", "param": None, "code": 502}})
+            try:
+                await out.end(b"data: " + err + b"\n\n" + _DONE)
+            except ClientDisconnected:
+                pass
+            return None
+        return _usage_from_sse_tail(tail)
+
+    def _replica_failed(self, replica: Replica, why: str) -> None:
+        replica.breaker.record(False, self.clock())
+        replica.last_error = why
+        self._sync(replica)
+
+    def _account(self, tier: Tier, replica: Replica, d: Decision, usage: dict | None, started: float,
+                 status: int) -> None:
+        m = self.metrics
+        self._child(m.requests, tier.name, replica.url, str(status)).inc()
+        self._child(m.e2e_seconds, tier.name).observe(time.perf_counter() - started)
+        self._child(m.predicted_cached, tier.name, replica.url).inc(d.cached_tokens)
+        if usage:
+            details = usage.get("prompt_tokens_details") or {}
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            if isinstance(cached, int):
+                self._child(m.actual_cached, tier.name, replica.url).inc(cached)
+            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int) and isinstance(c, int):
+                self._child(m.prompt_tokens, tier.name).inc(p)
+                self._child(m.completion_tokens, tier.name).inc(c)
+                self._child(m.cost, tier.name).inc((p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6)
+
+    # -- admin -------------------------------------------------------------------------------------------
+
+    def _admin(self, req: Request) -> None:
+        token = self.config.admin_token
+        if not token:
+            raise errors.Unauthorized("the admin API is disabled: set admin.token (or admin.token_env) "
+                                      "or PREFIXLB_ADMIN_TOKEN")
+        auth = req.header(b"authorization") or b""
+        if not _consteq(auth, b"Bearer " + token.encode()):
+            raise errors.Unauthorized("missing or wrong admin bearer token")
+        parts = [p for p in req.path.split("/") if p]
+        now = self.clock()
+        if parts == ["admin", "replicas"]:
+            if req.method == "GET":
+                req.respond_json(200, orjson.dumps([r.describe(now) | self._route_view(r, now)
+                                                    for r in self.replicas.values()]))
+                return
+            if req.method == "POST":
+                spec = _json_object(req.body)
+                url = spec.get("url")
+                tier_name = spec.get("tier", self.config.default)
+                try:
+                    url = check_url(url, "url")
+                except ConfigError as exc:
+                    raise errors.BadRequest(str(exc)) from None
+                tier = self.tiers.get(tier_name)
+                if tier is None:
+                    raise errors.BadRequest(f"tier: {tier_name!r} is not a tier ({', '.join(self.tiers)})")
+                if any(r.url == url for r in self.replicas.values()):
+                    raise errors.BadRequest(f"url: {url} is already a replica")
+                cap = spec.get("capacity_tokens")
+                if cap is not None and (not isinstance(cap, int) or cap < 16):
+                    raise errors.BadRequest("capacity_tokens: must be an integer >= 16")
+                r = self._add_replica(tier, url, cap)
+                req.respond_json(201, orjson.dumps(r.describe(now)))
+                return
+            raise errors.MethodNotAllowed("/admin/replicas takes GET or POST")
+        if len(parts) >= 3 and parts[:2] == ["admin", "replicas"]:
+            try:
+                rid = int(parts[2])
+            except ValueError:
+                raise errors.NotFound(f"no replica {parts[2]!r}") from None
+            r = self.replicas.get(rid)
+            if r is None:
+                raise errors.NotFound(f"no replica {rid}")
+            action = parts[3] if len(parts) > 3 else None
+            if action in ("drain", "undrain") and req.method == "POST":
+                r.draining = action == "drain"
+                self._sync(r)
+                req.respond_json(200, orjson.dumps(r.describe(now)))
+                return
+            if action is None and req.method == "DELETE":
+                r.draining = True
+                self._sync(r)
+                asyncio.get_running_loop().create_task(self._remove_when_idle(r))
+                req.respond_json(202, orjson.dumps(r.describe(now) | {"removing": True}))
+                return
+            if action is None and req.method == "GET":
+                req.respond_json(200, orjson.dumps(r.describe(now) | self._route_view(r, now)))
+                return
+        raise errors.NotFound(f"no admin route {req.method} {req.path}")
+
+    def _route_view(self, r: Replica, now: float) -> dict:
+        s = self.tiers[r.tier].router.replicas.get(r.id)
+        if s is None:
+            return {}
+        return {"inflight": s.inflight, "backlog_tokens": round(s.backlog(now), 1),
+                "prefill_tokens_per_s": round(s.prefill_rate, 1), "capacity_tokens": s.capacity_tokens}
+
+    async def _remove_when_idle(self, r: Replica) -> None:
+        tier = self.tiers[r.tier]
+        deadline = self.clock() + self.config.drain_timeout_s
+        while self.clock() < deadline:
+            s = tier.router.replicas.get(r.id)
+            if s is None or s.inflight == 0:
+                break
+            await asyncio.sleep(0.05)
+        tier.router.remove_replica(r.id)
+        tier.replicas.pop(r.id, None)
+        self.replicas.pop(r.id, None)
+        pool = self.pools.pop(r.id, None)
+        if pool is not None:
+            await pool.close()
+
+
+def _consteq(a: bytes, b: bytes) -> bool:
+    return hmac.compare_digest(a, b)
+
+
+def _json_object(raw: bytes) -> dict:
+    try:
+        v = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise errors.BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(v, dict):
+        raise errors.BadRequest("body must be a JSON object")
+    return v
+
+
+def resp_status_text(body: bytes) -> str:
+    try:
+        e = orjson.loads(body)
+        if isinstance(e, dict) and isinstance(e.get("error"), dict):
+            return str(e["error"].get("message", ""))[:300]
+    except orjson.JSONDecodeError:
+        pass
+    return body[:300].decode("utf-8", "replace")
+
+
+def _usage_from_sse_tail(tail: bytes) -> dict | None:
+    """The ``usage`` object of the last SSE event that carries one (stream_options.include_usage)."""
+    i = tail.rfind(b'"usage"')
+    if i < 0:
+        return None
+    start = tail.rfind(b"data: ", 0, i)
+    end = tail.find(b"\n", i)
+    if start < 0:
+        return None
+    try:
+        ev = orjson.loads(tail[start + 6 : end if end >= 0 else len(tail)])
+    except orjson.JSONDecodeError:
+        return None
+    u = ev.get("usage") if isinstance(ev, dict) else None
+    return u if isinstance(u, dict) else None

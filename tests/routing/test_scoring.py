@@ -1,0 +1,83 @@
+"""The native scoring loop equals its Python twin, and both equal ReplicaState.predict_ttft."""
+
+from __future__ import annotations
+
+import math
+from array import array
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from prefixlb.routing import CostParams, ReplicaState
+from prefixlb.routing.scoring import F_COUNT, NATIVE_SCORE, score_py
+from prefixlb.routing.state import TierModel
+
+native = pytest.importorskip("prefixlb.index._native")
+
+finite = st.floats(min_value=0.0, max_value=1e6, allow_nan=False, allow_infinity=False)
+row = st.tuples(
+    finite,  # backlog
+    st.floats(0, 100),  # backlog_t
+    st.one_of(st.just(-1.0), st.floats(0.25, 4.0)),  # ratio (-1: unobserved)
+    finite,  # context
+    st.one_of(st.just(-math.inf), st.floats(0, 110)),  # scraped_at
+    st.floats(0, 200), st.floats(0, 200), st.floats(0, 1),  # waiting, running, kv
+    st.floats(1, 1e5), st.floats(1, 1e5),  # avg uncached, avg prompt
+    st.integers(0, 500),  # inflight
+)
+
+
+@given(
+    rows=st.lists(row, min_size=1, max_size=12),
+    matched=st.dictionaries(st.integers(0, 11), st.integers(1, 5000), max_size=6),
+    P=st.floats(1, 200_000),
+    tpb=st.floats(1, 64),
+    now=st.floats(0, 120),
+    coefs=st.tuples(st.floats(0, 1), st.floats(1e-7, 1e-3), st.floats(0, 1e-6), st.floats(0.25, 4)),
+    step=st.floats(16, 16384),
+    pw=st.floats(0, 2),
+    tie=st.floats(0, 0.1),
+    u=st.floats(0, 0.999999),
+)
+def test_native_score_equals_the_python_twin(rows, matched, P, tpb, now, coefs, step, pw, tie, u):
+    slab = array("d")
+    for r in rows:
+        slab.extend((0.0, *map(float, r)))
+    ids = array("I", range(len(rows)))
+    matches = {k: v for k, v in matched.items() if k < len(rows)}
+    args = (P, tpb, now, *coefs, step, 2.0, pw, tie, u)
+    a = native.score(slab, ids, matches, *args)
+    b = score_py(slab, ids, matches, *args)
+    assert a[0] == b[0]
+    for x, y in zip(a[1:], b[1:]):
+        assert x == pytest.approx(y, rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.skipif(not NATIVE_SCORE, reason="C extension not built")
+@given(backlog=finite, ctx=finite, inflight=st.integers(0, 100), uncached=st.floats(1, 1e5),
+       scraped=st.booleans(), waiting=st.floats(0, 50), running=st.floats(0, 50))
+def test_the_scorer_predicts_what_the_replica_model_predicts(backlog, ctx, inflight, uncached, scraped, waiting, running):
+    tier = TierModel(CostParams())
+    slab = array("d", [0.0] * F_COUNT)
+    r = ReplicaState(0, params=tier.params, tier=tier, slab=slab)
+    r._backlog, r._backlog_t, r.context, r.inflight = backlog, 1.0, ctx, inflight
+    if scraped:
+        r.observe_scrape(waiting, running, 0.0, 1.5)
+    r._sync()
+    _, _, ttft, _ = native.score(slab, array("I", [0]), {}, uncached, 16.0, 2.0, tier.fixed, tier.inv_rate,
+                                 tier.ctx_coef * 1e-5, tier.mean_ratio, float(tier.params.step_tokens),
+                                 tier.params.staleness_s, 0.0, 0.0, 0.0)
+    assert ttft == pytest.approx(r.predict_ttft(uncached, 2.0), rel=1e-9)
+
+
+def test_bad_inputs_are_refused():
+    slab = array("d", [0.0] * F_COUNT)
+    with pytest.raises(ValueError):
+        native.score(slab, array("I"), {}, *([1.0] * 12))
+    with pytest.raises(IndexError):
+        native.score(slab, array("I", [5]), {}, *([1.0] * 12))
+    with pytest.raises(TypeError):
+        native.score(array("f", [0.0] * F_COUNT), array("I", [0]), {}, *([1.0] * 12))
+    with pytest.raises(TypeError):
+        native.score(slab, array("I", [0]), {}, 1.0)
