@@ -84,6 +84,28 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0 if all(r.errors == 0 for r in results.values()) else 1
 
 
+def _benchmarks_dir():
+    """The checkout's benchmarks/ (``prefixlb bench`` runs the programs there)."""
+    from pathlib import Path
+
+    for base in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (base / "benchmarks" / "runner.py").exists():
+            return base / "benchmarks"
+    return None
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    bench = _benchmarks_dir()
+    if bench is None:
+        print("prefixlb bench: needs a source checkout (benchmarks/runner.py); run it from the repository",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(bench))
+    import runner
+
+    return runner.main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixlb",
@@ -122,6 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
 
+    p = sub.add_parser("bench", help="the prefix-hit benchmark: every policy and peer router on the same fleet",
+                       add_help=False)
+    p.set_defaults(func=_cmd_bench, raw=True)
+
     p = sub.add_parser("demo", help="an emulated vLLM fleet behind prefixlb: cache_aware vs round_robin")
     p.add_argument("--requests", type=int, default=None, help="requests per policy (default 600)")
     p.add_argument("--rate", type=float, default=None, help="emulated requests per second (default 14)")
@@ -133,7 +159,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its own parser (benchmarks/runner.py) takes the rest
+        args = argparse.Namespace(func=_cmd_bench, rest=argv[1:])
+    else:
+        args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 
 

@@ -70,7 +70,7 @@ class Config:
     default_tier: str | None = None
     block_bytes: int = 64
     bytes_per_token: float = 4.0
-    pressure_weight: float = 0.5
+    pressure_weight: float = 1.0
     seed: int = 0
     admin_token: str | None = None
     max_body_bytes: int = 32 * 1024 * 1024

@@ -22,14 +22,24 @@ import orjson
 from prefixlb.fleet.scrape import parse_vllm_metrics
 
 __all__ = [
+    "WORKLOADS",
     "Outcome",
     "RequestSpec",
     "Summary",
+    "agent_workload",
+    "arrival_times",
+    "chat_workload",
+    "docqa_workload",
     "drive",
+    "llmd_workload",
+    "mix",
     "replica_counters",
+    "shared_working_set",
     "summarize",
     "tenant_workload",
     "text_of_tokens",
+    "trace_workload",
+    "unique_workload",
 ]
 
 _WORDS = (
@@ -58,6 +68,36 @@ class RequestSpec:
     group: str = ""  # tenant / conversation / document, for per-group analysis
     shared_tokens: int = 0  # leading tokens shared with other requests of the group
 
+    @property
+    def chat(self) -> bool:
+        return self.path.endswith("chat/completions")
+
+
+def arrival_times(rng: random.Random, n: int, rate: float, ramp_to: float | None = None) -> list[float]:
+    """``n`` Poisson arrival times at ``rate`` per second, or with the rate ramping linearly from
+    ``rate`` to ``ramp_to`` over the run (thinning a Poisson process at the peak rate)."""
+    if ramp_to is None or ramp_to == rate:
+        t, out = 0.0, []
+        for _ in range(n):
+            t += rng.expovariate(rate)
+            out.append(t)
+        return out
+    lo, hi = rate, ramp_to
+    peak = max(lo, hi)
+    duration = 2.0 * n / (lo + hi)  # the mean rate times the duration gives n
+    out, t = [], 0.0
+    while len(out) < n:
+        t += rng.expovariate(peak)
+        r = lo + (hi - lo) * min(t / duration, 1.0)
+        if rng.random() < r / peak:
+            out.append(t)
+    return out
+
+
+def _chat_body(messages: list[dict], max_tokens: int, model: str) -> dict:
+    return {"model": model, "messages": messages, "max_tokens": max_tokens, "ignore_eos": True, "stream": True,
+            "stream_options": {"include_usage": True}}
+
 
 def tenant_workload(
     *,
@@ -70,26 +110,165 @@ def tenant_workload(
     zipf: float = 1.1,
     max_tokens: int = 32,
     model: str = "auto",
+    ramp_to: float | None = None,
 ) -> list[RequestSpec]:
     """Tenants with a shared system prompt each, Zipf popularity, Poisson arrivals."""
     rng = random.Random(seed)
     systems = [f"[tenant {t}] " + text_of_tokens(rng, system_tokens) for t in range(tenants)]
     weights = [1.0 / (k + 1) ** zipf for k in range(tenants)]
-    out, t = [], 0.0
-    for i in range(requests):
-        t += rng.expovariate(rate)
+    out = []
+    for i, t in enumerate(arrival_times(rng, requests, rate, ramp_to)):
         k = rng.choices(range(tenants), weights)[0]
-        body = {
-            "model": model,
-            "messages": [{"role": "system", "content": systems[k]},
-                         {"role": "user", "content": f"({i}) " + text_of_tokens(rng, query_tokens)}],
-            "max_tokens": max_tokens,
-            "ignore_eos": True,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        out.append(RequestSpec(t, "/v1/chat/completions", body, group=f"tenant-{k}", shared_tokens=system_tokens))
+        msgs = [{"role": "system", "content": systems[k]},
+                {"role": "user", "content": f"({i}) " + text_of_tokens(rng, query_tokens)}]
+        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                               group=f"tenant-{k}", shared_tokens=system_tokens))
     return out
+
+
+def llmd_workload(*, seed: int = 0, groups: int = 150, prefix_tokens: int = 6000, users: int = 5,
+                  query_tokens: int = 1200, requests: int = 3000, qps_start: float = 3.0, qps_end: float = 60.0,
+                  max_tokens: int = 32, model: str = "auto") -> list[RequestSpec]:
+    """llm-d's published "KV-cache wins" setup (field.md): 150 groups sharing a 6K-token prefix,
+    5 users each asking 1.2K-token questions, load ramped from 3 to 60 QPS."""
+    rng = random.Random(seed)
+    prefixes = [f"[group {g}] " + text_of_tokens(rng, prefix_tokens) for g in range(groups)]
+    out = []
+    for i, t in enumerate(arrival_times(rng, requests, qps_start, qps_end)):
+        g, u = rng.randrange(groups), rng.randrange(users)
+        msgs = [{"role": "system", "content": prefixes[g]},
+                {"role": "user", "content": f"[user {u}] ({i}) " + text_of_tokens(rng, query_tokens)}]
+        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                               group=f"group-{g}", shared_tokens=prefix_tokens))
+    return out
+
+
+def chat_workload(*, seed: int = 0, conversations: int = 40, turns: tuple[int, int] = (3, 8),
+                  system_tokens: int = 300, user_tokens: int = 200, answer_tokens: int = 250,
+                  think_s: float = 4.0, rate: float = 2.0, max_tokens: int = 64,
+                  model: str = "auto") -> list[RequestSpec]:
+    """Multi-turn chat: each turn resends the whole history (system prompt, earlier turns and
+    answers) plus a new user message; turns of a conversation are ``think_s`` (exponential) apart,
+    conversations start as a Poisson process at ``rate``."""
+    rng = random.Random(seed)
+    out = []
+    starts = arrival_times(rng, conversations, rate)
+    for c, t0 in enumerate(starts):
+        history = [{"role": "system", "content": f"[conversation {c}] " + text_of_tokens(rng, system_tokens)}]
+        t = t0
+        shared = system_tokens
+        for turn in range(rng.randint(*turns)):
+            history = history + [{"role": "user", "content": text_of_tokens(rng, user_tokens)}]
+            out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(history, max_tokens, model),
+                                   group=f"conv-{c}", shared_tokens=shared))
+            # what the model "answered" comes back in the next turn's history
+            history = history + [{"role": "assistant", "content": text_of_tokens(rng, answer_tokens)}]
+            shared += user_tokens + answer_tokens
+            t += rng.expovariate(1.0 / think_s)
+    out.sort(key=lambda r: r.at)
+    return out
+
+
+def docqa_workload(*, seed: int = 0, documents: int = 8, doc_tokens: int = 8000, questions: int = 300,
+                   question_tokens: int = 60, zipf: float = 0.8, rate: float = 6.0, max_tokens: int = 48,
+                   model: str = "auto") -> list[RequestSpec]:
+    """Long-document QA: many short questions over a few long documents (Zipf popularity)."""
+    rng = random.Random(seed)
+    docs = [f"[document {d}] " + text_of_tokens(rng, doc_tokens) for d in range(documents)]
+    weights = [1.0 / (k + 1) ** zipf for k in range(documents)]
+    out = []
+    for i, t in enumerate(arrival_times(rng, questions, rate)):
+        d = rng.choices(range(documents), weights)[0]
+        msgs = [{"role": "user", "content": docs[d] + f"\n\nQuestion {i}: " + text_of_tokens(rng, question_tokens)}]
+        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                               group=f"doc-{d}", shared_tokens=doc_tokens))
+    return out
+
+
+def agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, int] = (4, 12), system_tokens: int = 1500,
+                   tool_tokens: tuple[int, int] = (150, 900), step_gap_s: float = 1.0, rate: float = 1.5,
+                   max_tokens: int = 64, model: str = "auto") -> list[RequestSpec]:
+    """Agent loops: a system prompt and task, then each step appends the model's tool call and the
+    tool's output and asks again, ``step_gap_s`` (exponential) apart."""
+    rng = random.Random(seed)
+    out = []
+    for a, t0 in enumerate(arrival_times(rng, agents, rate)):
+        history = [{"role": "system", "content": f"[agent {a}] " + text_of_tokens(rng, system_tokens)},
+                   {"role": "user", "content": "Task: " + text_of_tokens(rng, 120)}]
+        t, shared = t0, system_tokens
+        for step in range(rng.randint(*steps)):
+            out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(history, max_tokens, model),
+                                   group=f"agent-{a}", shared_tokens=shared))
+            tool = rng.randint(*tool_tokens)
+            history = history + [{"role": "assistant", "content": f"call tool_{step}(" + text_of_tokens(rng, 30) + ")"},
+                                 {"role": "tool", "content": text_of_tokens(rng, tool)}]
+            shared += 150 + tool
+            t += rng.expovariate(1.0 / step_gap_s)
+    out.sort(key=lambda r: r.at)
+    return out
+
+
+def unique_workload(*, seed: int = 0, requests: int = 300, prompt_tokens: int = 2000, rate: float = 8.0,
+                    max_tokens: int = 32, model: str = "auto") -> list[RequestSpec]:
+    """The no-sharing control: every prompt is unique from its first token."""
+    rng = random.Random(seed)
+    return [RequestSpec(t, "/v1/chat/completions",
+                        _chat_body([{"role": "user", "content": f"<{i}> " + text_of_tokens(rng, prompt_tokens)}],
+                                   max_tokens, model), group=f"unique-{i}")
+            for i, t in enumerate(arrival_times(rng, requests, rate))]
+
+
+def trace_workload(path: str, *, model: str | None = None, limit: int | None = None) -> list[RequestSpec]:
+    """Replay a JSONL trace: one object per line, ``{"at": seconds from start, "endpoint":
+    "/v1/chat/completions" | "/v1/completions", "body": {...}}`` (optional ``"group"``). Bodies
+    are sent as given (``model`` overrides theirs when set; streaming is forced on so TTFT can
+    be measured, with ``stream_options.include_usage``)."""
+    out = []
+    with open(path, "rb") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = orjson.loads(line)
+                at, endpoint, body = float(rec["at"]), rec.get("endpoint", "/v1/chat/completions"), dict(rec["body"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{path}:{n}: not a trace record ({exc}); expected "
+                                 '{"at": seconds, "endpoint": "/v1/...", "body": {...}}') from None
+            if endpoint not in ("/v1/chat/completions", "/v1/completions"):
+                raise ValueError(f"{path}:{n}: endpoint must be /v1/chat/completions or /v1/completions")
+            if model is not None:
+                body["model"] = model
+            body["stream"] = True
+            body.setdefault("stream_options", {"include_usage": True})
+            out.append(RequestSpec(at, endpoint, body, group=str(rec.get("group", ""))))
+            if limit and len(out) >= limit:
+                break
+    out.sort(key=lambda r: r.at)
+    return out
+
+
+def mix(*workloads: list[RequestSpec]) -> list[RequestSpec]:
+    """Interleave workloads by arrival time."""
+    return sorted((r for w in workloads for r in w), key=lambda r: r.at)
+
+
+def shared_working_set(specs: Sequence[RequestSpec]) -> int:
+    """Tokens of distinct shared prefixes: per group, the longest prefix its requests share."""
+    best: dict[str, int] = {}
+    for r in specs:
+        if r.group and r.shared_tokens:
+            best[r.group] = max(best.get(r.group, 0), r.shared_tokens)
+    return sum(best.values())
+
+
+WORKLOADS: dict[str, Callable[..., list[RequestSpec]]] = {
+    "tenants": tenant_workload,
+    "llmd": llmd_workload,
+    "chat": chat_workload,
+    "docqa": docqa_workload,
+    "agent": agent_workload,
+    "unique": unique_workload,
+}
 
 
 @dataclass(slots=True)
@@ -146,9 +325,14 @@ async def drive(
     time_scale: float = 1.0,
     timeout: float = 600.0,
     progress: Callable[[int], None] | None = None,
+    closed_loop: int | None = None,
+    fresh_connections: bool = False,
 ) -> tuple[list[Outcome], float]:
-    """Send ``specs`` open-loop at their arrival times; returns outcomes and the wall seconds taken."""
-    conn = aiohttp.TCPConnector(limit=0, force_close=False)
+    """Send ``specs`` open-loop at their arrival times (or, with ``closed_loop=N``, by N clients
+    each sending its next request when the previous one ends); returns outcomes and the wall
+    seconds taken. Connections are kept alive and reused, as OpenAI clients do, unless
+    ``fresh_connections``."""
+    conn = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     outcomes: list[Outcome | None] = [None] * len(specs)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
         start = time.perf_counter()
@@ -161,7 +345,18 @@ async def drive(
             if progress:
                 progress(1)
 
-        await asyncio.gather(*(fire(i, sp) for i, sp in enumerate(specs)))
+        if closed_loop:
+            nxt = iter(range(len(specs)))
+
+            async def client() -> None:
+                for i in nxt:
+                    outcomes[i] = await _one(s, base, specs[i], time_scale)
+                    if progress:
+                        progress(1)
+
+            await asyncio.gather(*(client() for _ in range(closed_loop)))
+        else:
+            await asyncio.gather(*(fire(i, sp) for i, sp in enumerate(specs)))
         wall = time.perf_counter() - start
     return [o for o in outcomes if o is not None], wall
 

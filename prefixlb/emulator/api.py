@@ -33,7 +33,7 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from prefixlb.engine import EngineRequest, QualityOutcome, RequestOutput, TokenLogprob, prompt_difficulty
+from prefixlb.engine import EngineRequest, QualityOutcome, RequestOutput, TokenLogprob, Tokenizer, prompt_difficulty
 
 from .config import EMULATED_VLLM_VERSION
 from .detokenize import IncrementalText
@@ -163,16 +163,34 @@ def _budget(rep: EmulatedReplica, n: int, max_tokens: int | None, min_tokens: in
     return mt
 
 
+def completion_token_ids(tok: Tokenizer, p: CompletionParams) -> list[int]:
+    """The prompt tokens of a parsed completions request, as vLLM builds them (BOS added)."""
+    if p.prompt_token_ids is not None:
+        return p.prompt_token_ids
+    assert p.prompt_text is not None
+    return tok.encode(p.prompt_text, add_special_tokens=p.add_special_tokens)
+
+
+def chat_token_ids(tok: Tokenizer, p: ChatParams) -> list[int]:
+    """The prompt tokens of a parsed chat request: the chat template rendered, then encoded
+    without special tokens (the template carries its own), as vLLM does."""
+    text = tok.apply_chat_template(p.messages, add_generation_prompt=p.add_generation_prompt, tools=p.tools)
+    return tok.encode(text, add_special_tokens=p.add_special_tokens)
+
+
+def prompt_token_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list[int]:
+    """The prompt tokens an emulated replica would compute for this request body."""
+    return chat_token_ids(tok, parse_chat(body)) if chat else completion_token_ids(tok, parse_completion(body))
+
+
 def _prepare_completion(rep: EmulatedReplica, request: web.Request, body: dict[str, Any]) -> _Job:
     p = parse_completion(body, rep.engine.max_logprobs)
     _check_model(rep, p.model)
-    tok = rep.tokenizer
+    ids = completion_token_ids(rep.tokenizer, p)
     if p.prompt_token_ids is not None:
-        ids = p.prompt_token_ids
         difficulty = None
     else:
         assert p.prompt_text is not None
-        ids = tok.encode(p.prompt_text, add_special_tokens=p.add_special_tokens)
         difficulty = prompt_difficulty(p.prompt_text) if rep.config.expose_quality else None
     mt = _budget(rep, len(ids), p.max_tokens, p.min_tokens, p.prompt_token_ids is None)
     hdr = request.headers.get("X-Request-Id")
@@ -182,12 +200,9 @@ def _prepare_completion(rep: EmulatedReplica, request: web.Request, body: dict[s
 
 def _render_chat(rep: EmulatedReplica, p: ChatParams) -> list[int]:
     try:
-        text = rep.tokenizer.apply_chat_template(
-            p.messages, add_generation_prompt=p.add_generation_prompt, tools=p.tools
-        )
+        return chat_token_ids(rep.tokenizer, p)
     except Exception as exc:  # jinja2 TemplateError and friends
         raise bad_request(f"Chat template error: {exc}", suffix=False) from None
-    return rep.tokenizer.encode(text, add_special_tokens=p.add_special_tokens)
 
 
 def _prepare_chat(rep: EmulatedReplica, request: web.Request, body: dict[str, Any]) -> _Job:

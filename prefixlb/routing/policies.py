@@ -64,7 +64,7 @@ class Policy:
     """
 
     name = "policy"
-    key_blocks = 4
+    key_blocks = 0  # > 0: the policy reads prefix_key (the hash of the first key_blocks blocks)
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random(0)
@@ -157,6 +157,7 @@ class ConsistentHash(Policy):
     """CHWBL on the hash of the first ``key_blocks`` blocks of the prompt."""
 
     name = "consistent_hash"
+    key_blocks = 4
 
     def __init__(self, rng: random.Random | None = None, vnodes: int = 160, load_factor: float = 1.25) -> None:
         super().__init__(rng)

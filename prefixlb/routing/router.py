@@ -163,8 +163,12 @@ class TierRouter:
         now = self.clock() if now is None else now
         self._decisions += 1
         if not self._decisions & 63:
+            per = self.index.stats()["per_replica"]
             for r in self._ordered:
                 r.relax(now)
+                row = per.get(r.id)
+                if row:
+                    r.observe_fullness(row["blocks"] / row["capacity"])
         chain, matches = self.index.lookup(key.data, self.block_bytes, key.seed)
         candidates, ids = self.available(exclude)
         if not candidates:
@@ -177,7 +181,12 @@ class TierRouter:
         else:
             prompt_tokens = max(1.0, len(key.data) / self.bytes_per_token)
         kb = self.policy.key_blocks
-        prefix_key = chain[min(len(chain), kb) - 1] if len(chain) else xxhash.xxh64_intdigest(key.data, key.seed)
+        if not kb:
+            prefix_key = 0
+        elif len(chain):
+            prefix_key = chain[min(len(chain), kb) - 1]
+        else:
+            prefix_key = xxhash.xxh64_intdigest(key.data, key.seed)
         pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now,
                                         self, ids)
         matched = matches.get(pick.replica.id, 0)

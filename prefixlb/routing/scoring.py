@@ -8,7 +8,9 @@ its own row after every change), so the loop touches no Python objects.
 For each candidate: uncached = P - min(P - 1, matched blocks * tokens per block);
 TTFT = ratio * (fixed + work * inv + steps * context * cc) with work = prefill backlog ahead
 (fluid, plus fresh scraped load) + uncached, steps = ceil(work / step_tokens); cost = TTFT +
-pressure_weight * uncached * kv_usage * inv * ratio. Costs within ``tie`` of the best tie; among
+pressure_weight * uncached * pressure * inv * ratio, where pressure (0..1) is how full the
+replica's cache is: placing uncached tokens there evicts other prefixes that will cost their
+prefill again. Costs within ``tie`` of the best tie; among
 ties the longest match wins, then ``u`` (a uniform draw from the router's seeded RNG) picks.
 """
 

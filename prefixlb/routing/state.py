@@ -71,7 +71,7 @@ class CostParams:
     prior_weight: float = 8.0  # how strongly the priors hold against few observations
     ratio_weight: float = 16.0  # pseudo-observations holding a replica's speed ratio at the tier mean
     relax_s: float = 10.0  # a replica not observed this long drifts back toward the tier mean
-    forget: float = 0.97  # per-observation decay of the TTFT regression
+    forget: float = 0.99  # per-observation decay of the TTFT regression (~100 observations)
 
 
 class _Regression:
@@ -187,6 +187,7 @@ class ReplicaState:
         "scraped_waiting",
         "scraped_running",
         "scraped_kv_usage",
+        "index_fullness",
         "scraped_at",
         "avg_uncached",
         "avg_prompt",
@@ -218,6 +219,7 @@ class ReplicaState:
         self.scraped_waiting = 0.0
         self.scraped_running = 0.0
         self.scraped_kv_usage = 0.0
+        self.index_fullness = 0.0  # blocks the index believes held / its capacity for this replica
         self.scraped_at = -math.inf
         self.avg_uncached = 512.0
         self.avg_prompt = 1024.0
@@ -237,7 +239,9 @@ class ReplicaState:
         s[b + F_SCRAPED_AT] = self.scraped_at
         s[b + F_WAITING] = self.scraped_waiting
         s[b + F_RUNNING] = self.scraped_running
-        s[b + F_KV] = self.scraped_kv_usage
+        # cache pressure: vLLM's kv_cache_usage_perc counts cached-but-idle blocks as free, so it
+        # reads low exactly when the prefix cache is full; the index's own fullness does not
+        s[b + F_KV] = max(self.scraped_kv_usage, self.index_fullness)
         s[b + F_AVG_UNC] = self.avg_uncached
         s[b + F_AVG_PROMPT] = self.avg_prompt
         s[b + F_INFLIGHT] = self.inflight
@@ -436,6 +440,10 @@ class ReplicaState:
             self._den *= 0.5
             self._last_obs = now
             self._update_ratio()
+
+    def observe_fullness(self, fullness: float) -> None:
+        self.index_fullness = min(max(fullness, 0.0), 1.0)
+        self._sync()
 
     def observe_scrape(self, waiting: float, running: float, kv_usage: float, now: float) -> None:
         self.scraped_waiting = max(0.0, waiting)

@@ -87,7 +87,6 @@ class Balancer:
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
         self.metrics = BalancerMetrics(self._state_rows)
-        self._children: dict[tuple, object] = {}
         for i, t in enumerate(config.tiers):
             c = t.cost
             params = CostParams(prefill_tokens_per_s=c.prefill_tokens_per_s, fixed_s=c.fixed_ms / 1e3,
@@ -282,13 +281,6 @@ class Balancer:
             names |= t.served_models()
         return names
 
-    def _child(self, metric, *labels):
-        key = (id(metric), labels)
-        c = self._children.get(key)
-        if c is None:
-            c = self._children[key] = metric.labels(*labels)
-        return c
-
     async def _completion(self, req: Request, chat: bool) -> None:
         ctype = req.header(b"content-type")
         if ctype is None or not ctype.split(b";", 1)[0].strip().lower() == b"application/json":
@@ -347,14 +339,14 @@ class Balancer:
                 self._sync(replica)
                 continue
             attempts += 1
-            self._child(self.metrics.decision_seconds, tier.name).observe(d.decision_s)
+            self.metrics.decision_seconds.observe((tier.name,), d.decision_s)
             ub = self._upstream_body(req, body, model, replica, tier)
             router.dispatched(d, now)
             outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key)
             if outcome is None:
                 return
             last = outcome
-            self._child(self.metrics.retries, tier.name, type(outcome).__name__).inc()
+            self.metrics.retries.inc((tier.name, type(outcome).__name__))
         assert last is not None
         raise last
 
@@ -408,7 +400,7 @@ class Balancer:
                 else:
                     router.finished(d, self.clock())
                 if req.is_disconnected:
-                    self._child(self.metrics.client_disconnects, tier.name).inc()
+                    self.metrics.client_disconnects.inc((tier.name,))
 
     async def _read_all(self, resp) -> bytes:
         chunks = []
@@ -442,7 +434,7 @@ class Balancer:
         headers = end_to_end(resp.headers)
         headers.extend(extra)
         out = req.start(resp.status, headers)
-        tail = b""
+        prev = last = b""  # the usage event (include_usage) is in the last chunk or two
         first = True
         try:
             while True:
@@ -453,17 +445,16 @@ class Balancer:
                     first = False
                     now = self.clock()
                     router.first_token(d, now)
-                    self._child(self.metrics.ttft_seconds, tier.name, replica.url).observe(
-                        time.perf_counter() - started)
+                    self.metrics.ttft_seconds.observe((tier.name, replica.url), time.perf_counter() - started)
                 await out.write(chunk)
-                tail = (tail + chunk)[-8192:]
+                prev, last = last, chunk
             await resp.release()
             await out.end()
         except UpstreamError as exc:
             # after the first byte: never retried; end the stream with an error event
             resp.abort()
             self._replica_failed(replica, str(exc))
-            self._child(self.metrics.stream_errors, tier.name).inc()
+            self.metrics.stream_errors.inc((tier.name,))
             err = orjson.dumps({"error": {"message": f"the replica failed mid-stream: {exc}",
                                           "type": "upstream_error", "param": None, "code": 502}})
             try:
@@ -471,7 +462,7 @@ class Balancer:
             except ClientDisconnected:
                 pass
             return None
-        return _usage_from_sse_tail(tail)
+        return _usage_from_sse_tail(prev[-8192:] + last)
 
     def _replica_failed(self, replica: Replica, why: str) -> None:
         replica.breaker.record(False, self.clock())
@@ -481,19 +472,19 @@ class Balancer:
     def _account(self, tier: Tier, replica: Replica, d: Decision, usage: dict | None, started: float,
                  status: int) -> None:
         m = self.metrics
-        self._child(m.requests, tier.name, replica.url, str(status)).inc()
-        self._child(m.e2e_seconds, tier.name).observe(time.perf_counter() - started)
-        self._child(m.predicted_cached, tier.name, replica.url).inc(d.cached_tokens)
+        m.requests.inc((tier.name, replica.url, str(status)))
+        m.e2e_seconds.observe((tier.name,), time.perf_counter() - started)
+        m.predicted_cached.inc((tier.name, replica.url), d.cached_tokens)
         if usage:
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             if isinstance(cached, int):
-                self._child(m.actual_cached, tier.name, replica.url).inc(cached)
+                m.actual_cached.inc((tier.name, replica.url), cached)
             p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
             if isinstance(p, int) and isinstance(c, int):
-                self._child(m.prompt_tokens, tier.name).inc(p)
-                self._child(m.completion_tokens, tier.name).inc(c)
-                self._child(m.cost, tier.name).inc((p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6)
+                m.prompt_tokens.inc((tier.name,), p)
+                m.completion_tokens.inc((tier.name,), c)
+                m.cost.inc((tier.name,), (p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6)
 
     # -- admin -------------------------------------------------------------------------------------------
 

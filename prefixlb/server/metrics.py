@@ -1,91 +1,146 @@
 """The balancer's Prometheus metrics (``prefixlb_*``; units in the names).
 
-One registry per balancer (tests run several in one process). Gauges that mirror state the
-router and fleet already hold (in-flight, health, breaker, index size) are read at scrape time
-by a collector, so the request path only touches counters and histograms.
+The request path only adds to plain Python numbers (a dict lookup and an addition per
+sample); the metric families are built when ``/metrics`` is scraped, by a collector registered
+in a private registry (tests run several balancers in one process). prometheus-client's own
+Counter/Histogram objects take a lock per update, which cost more than the routing decision
+at a few thousand requests a second. Gauges that mirror live state (in-flight, health,
+breaker, index size) are read at scrape time from ``state()``.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-__all__ = ["BalancerMetrics"]
+__all__ = ["BalancerMetrics", "Histogram"]
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 DECISION_BUCKETS = (5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 7.5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 
 
+class Histogram:
+    """Bucket counts and a sum (cumulated into Prometheus' ``le`` form at scrape time)."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, v: float) -> None:
+        self.counts[bisect_left(self.bounds, v)] += 1
+        self.sum += v
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, acc = [], 0
+        for b, c in zip(self.bounds, self.counts):
+            acc += c
+            out.append((repr(float(b)), acc))
+        out.append(("+Inf", acc + self.counts[-1]))
+        return out
+
+
+class _Family:
+    """One labelled series family: ``{label values: number or Histogram}``."""
+
+    __slots__ = ("name", "doc", "labels", "kind", "bounds", "series")
+
+    def __init__(self, name: str, doc: str, labels: tuple[str, ...], kind: str, bounds: tuple = ()) -> None:
+        self.name, self.doc, self.labels, self.kind, self.bounds = name, doc, labels, kind, bounds
+        self.series: dict[tuple[str, ...], object] = {}
+
+    def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
+        s = self.series
+        s[values] = s.get(values, 0.0) + amount
+
+    def observe(self, values: tuple[str, ...], v: float) -> None:
+        h = self.series.get(values)
+        if h is None:
+            h = self.series[values] = Histogram(self.bounds)
+        h.observe(v)  # type: ignore[union-attr]
+
+    def collect(self):
+        if self.kind == "counter":
+            fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
+            for lv, v in self.series.items():
+                fam.add_metric(list(lv), v)
+        else:
+            fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
+            for lv, h in self.series.items():
+                fam.add_metric(list(lv), h.buckets(), h.sum)  # type: ignore[union-attr]
+        return fam
+
+
 class BalancerMetrics:
     def __init__(self, state: Callable[[], list[dict]] | None = None) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        r = self.registry
-        self.requests = Counter("prefixlb_requests", "Requests answered, by tier, replica and HTTP status",
-                                ["tier", "replica", "status"], registry=r)
-        self.decision_seconds = Histogram("prefixlb_route_decision_seconds",
-                                          "Time to choose a replica (hash + match + score)", ["tier"],
-                                          buckets=DECISION_BUCKETS, registry=r)
-        self.ttft_seconds = Histogram("prefixlb_ttft_seconds", "Time to first response byte of streamed requests",
-                                      ["tier", "replica"], buckets=TTFT_BUCKETS, registry=r)
-        self.e2e_seconds = Histogram("prefixlb_request_duration_seconds", "Request duration at the balancer",
-                                     ["tier"], buckets=TTFT_BUCKETS, registry=r)
-        self.predicted_cached = Counter("prefixlb_predicted_cached_tokens",
-                                        "Prompt tokens the router predicted the chosen replica held",
-                                        ["tier", "replica"], registry=r)
-        self.actual_cached = Counter("prefixlb_actual_cached_tokens",
-                                     "Prompt tokens the replica reported cached (usage.prompt_tokens_details)",
-                                     ["tier", "replica"], registry=r)
-        self.prompt_tokens = Counter("prefixlb_prompt_tokens", "Prompt tokens reported in usage", ["tier"], registry=r)
-        self.completion_tokens = Counter("prefixlb_completion_tokens", "Completion tokens reported in usage",
-                                         ["tier"], registry=r)
-        self.retries = Counter("prefixlb_retries", "Attempts retried on another replica before the first byte",
-                               ["tier", "reason"], registry=r)
-        self.stream_errors = Counter("prefixlb_stream_errors",
-                                     "Streams ended with an error event after the first byte", ["tier"], registry=r)
-        self.client_disconnects = Counter("prefixlb_client_disconnects", "Clients that went away mid-request",
-                                          ["tier"], registry=r)
-        self.cost = Counter("prefixlb_cost_dollars", "Spend by tier at the configured prices", ["tier"], registry=r)
-        if state is not None:
-            r.register(_StateCollector(state))
-
-
-class _StateCollector:
-    """Gauges read from live state at scrape time: one dict per replica from ``state()``."""
-
-    def __init__(self, state: Callable[[], list[dict]]) -> None:
-        self.state = state
+        self._state = state
+        f = _Family
+        self.requests = f("prefixlb_requests", "Requests answered, by tier, replica and HTTP status",
+                          ("tier", "replica", "status"), "counter")
+        self.decision_seconds = f("prefixlb_route_decision_seconds", "Time to choose a replica (hash + match + score)",
+                                  ("tier",), "histogram", DECISION_BUCKETS)
+        self.ttft_seconds = f("prefixlb_ttft_seconds", "Time to first response byte of streamed requests",
+                              ("tier", "replica"), "histogram", TTFT_BUCKETS)
+        self.e2e_seconds = f("prefixlb_request_duration_seconds", "Request duration at the balancer", ("tier",),
+                             "histogram", TTFT_BUCKETS)
+        self.predicted_cached = f("prefixlb_predicted_cached_tokens",
+                                  "Prompt tokens the router predicted the chosen replica held", ("tier", "replica"),
+                                  "counter")
+        self.actual_cached = f("prefixlb_actual_cached_tokens",
+                               "Prompt tokens the replica reported cached (usage.prompt_tokens_details)",
+                               ("tier", "replica"), "counter")
+        self.prompt_tokens = f("prefixlb_prompt_tokens", "Prompt tokens reported in usage", ("tier",), "counter")
+        self.completion_tokens = f("prefixlb_completion_tokens", "Completion tokens reported in usage", ("tier",),
+                                   "counter")
+        self.retries = f("prefixlb_retries", "Attempts retried on another replica before the first byte",
+                         ("tier", "reason"), "counter")
+        self.stream_errors = f("prefixlb_stream_errors", "Streams ended with an error event after the first byte",
+                               ("tier",), "counter")
+        self.client_disconnects = f("prefixlb_client_disconnects", "Clients that went away mid-request", ("tier",),
+                                    "counter")
+        self.cost = f("prefixlb_cost_dollars", "Spend by tier at the configured prices", ("tier",), "counter")
+        self._families = [self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,
+                          self.predicted_cached, self.actual_cached, self.prompt_tokens, self.completion_tokens,
+                          self.retries, self.stream_errors, self.client_disconnects, self.cost]
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self)
 
     def describe(self):
         return []
 
     def collect(self):
-        rows = self.state()
-        inflight = GaugeMetricFamily("prefixlb_inflight_requests", "Requests in flight", labels=["tier", "replica"])
-        backlog = GaugeMetricFamily("prefixlb_prefill_backlog_tokens", "Modelled prefill backlog",
-                                    labels=["tier", "replica"])
-        healthy = GaugeMetricFamily("prefixlb_replica_healthy", "1 if the replica passes health checks",
-                                    labels=["tier", "replica"])
-        available = GaugeMetricFamily("prefixlb_replica_available", "1 if new work may be routed to the replica",
-                                      labels=["tier", "replica"])
-        breaker = GaugeMetricFamily("prefixlb_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open",
-                                    labels=["tier", "replica"])
-        rate = GaugeMetricFamily("prefixlb_prefill_rate_tokens_per_second", "Learned prefill rate",
-                                 labels=["tier", "replica"])
-        blocks = GaugeMetricFamily("prefixlb_index_blocks", "Index blocks believed held", labels=["tier", "replica"])
-        evictions = GaugeMetricFamily("prefixlb_index_evictions", "Index evictions so far (monotonic)",
-                                      labels=["tier", "replica"])
-        code = {"closed": 0, "half_open": 1, "open": 2}
-        for row in rows:
-            lab = [row["tier"], row["url"]]
-            inflight.add_metric(lab, row["inflight"])
-            backlog.add_metric(lab, row["backlog_tokens"])
-            healthy.add_metric(lab, 1 if row["healthy"] else 0)
-            available.add_metric(lab, 1 if row["available"] else 0)
-            breaker.add_metric(lab, code.get(row["breaker"], 2))
-            rate.add_metric(lab, row["prefill_tokens_per_s"])
-            blocks.add_metric(lab, row["index_blocks"])
-            evictions.add_metric(lab, row["index_evictions"])
-        return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions]
+        for fam in self._families:
+            yield fam.collect()
+        if self._state is not None:
+            yield from _state_families(self._state())
 
+
+def _state_families(rows: list[dict]):
+    def g(name, doc):
+        return GaugeMetricFamily(name, doc, labels=["tier", "replica"])
+
+    inflight = g("prefixlb_inflight_requests", "Requests in flight")
+    backlog = g("prefixlb_prefill_backlog_tokens", "Modelled prefill backlog")
+    healthy = g("prefixlb_replica_healthy", "1 if the replica passes health checks")
+    available = g("prefixlb_replica_available", "1 if new work may be routed to the replica")
+    breaker = g("prefixlb_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open")
+    rate = g("prefixlb_prefill_rate_tokens_per_second", "Learned prefill rate")
+    blocks = g("prefixlb_index_blocks", "Index blocks believed held")
+    evictions = CounterMetricFamily("prefixlb_index_evictions", "Index evictions so far", labels=["tier", "replica"])
+    code = {"closed": 0, "half_open": 1, "open": 2}
+    for row in rows:
+        lab = [row["tier"], row["url"]]
+        inflight.add_metric(lab, row["inflight"])
+        backlog.add_metric(lab, row["backlog_tokens"])
+        healthy.add_metric(lab, 1 if row["healthy"] else 0)
+        available.add_metric(lab, 1 if row["available"] else 0)
+        breaker.add_metric(lab, code.get(row["breaker"], 2))
+        rate.add_metric(lab, row["prefill_tokens_per_s"])
+        blocks.add_metric(lab, row["index_blocks"])
+        evictions.add_metric(lab, row["index_evictions"])
+    return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions]

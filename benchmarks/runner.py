@@ -1,0 +1,422 @@
+"""prefixlb bench: one workload, every target, the same cold fleet each time, read against physics.
+
+For each target -- prefixlb with ``cache_aware``, its baselines ``round_robin``,
+``least_loaded``, ``consistent_hash``, and the peers sglang-router and vllm-router (their
+``cache_aware``) -- a fresh emulated fleet starts cold (or the given real replicas are used),
+the target starts in front of it, and the same seeded workload is driven open-loop, every
+request streamed so its time to first token is measured at the client. Hit rates come from the
+replicas' own ``vllm:prefix_cache_*`` counters. The bounds (benchmarks/bounds.py) -- the hit
+rate of one pooled cache of the fleet's size, and each request's TTFT alone on an idle replica
+holding that cache -- are computed once from the workload, so each result reads as a distance
+from what physics allows.
+
+Times are emulated milliseconds (the fleet runs ``--time-scale`` times faster than the hardware
+its profile models; measured wall times are multiplied by it). Each request opens a fresh client
+connection by default: sglang-router 0.3.2 holds SSE events ~40 ms on reused keep-alive
+connections (no TCP_NODELAY; benchmarks/bench_overhead.py measures it), a fixed wall-clock
+delay that the time scale would multiply into a penalty the peer does not deserve here.
+``--keep-alive`` reuses connections as OpenAI clients do.
+
+Usage:
+  prefixlb bench --quick [--json OUT]            # < 5 minutes here
+  prefixlb bench --workload mixed --pressure     # the fleet's KV < 1.5x the shared working set
+  prefixlb bench --workload trace --trace FILE.jsonl --replica URL ...   # your traffic, your fleet
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bounds import Bounds, compute_bounds, percentile  # noqa: E402
+from targets import PEERS, POLICY_TARGETS, start_target  # noqa: E402
+
+from prefixlb.emulator.api import prompt_token_ids  # noqa: E402
+from prefixlb.emulator.fleet import start_fleet_process  # noqa: E402
+from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
+from prefixlb.engine import get_profile  # noqa: E402
+from prefixlb.loadgen import (  # noqa: E402
+    RequestSpec,
+    agent_workload,
+    chat_workload,
+    docqa_workload,
+    drive,
+    llmd_workload,
+    mix,
+    replica_counters,
+    shared_working_set,
+    tenant_workload,
+    trace_workload,
+    unique_workload,
+)
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ALL_TARGETS = [*POLICY_TARGETS, *PEERS]
+
+
+@dataclass
+class Fleet:
+    replicas: int = 4
+    profile: str = "h100-llama3-8b"
+    time_scale: float = 4.0
+    kv_capacity_tokens: int | None = None  # per replica
+    max_model_len: int = 16_384
+    urls: list[str] = field(default_factory=list)  # real replicas instead of an emulated fleet
+
+
+def make_workload(name: str, *, seed: int, scale: float, model: str, trace: str | None = None) -> list[RequestSpec]:
+    """The named workload at ``scale`` (1.0 = the full benchmark; --quick uses less). Rates are
+    set later from the fleet's capacity (``retime``)."""
+    n = lambda k: max(8, int(k * scale))  # noqa: E731
+    if name == "tenants":
+        return tenant_workload(seed=seed, tenants=48, system_tokens=3000, query_tokens=200, requests=n(600),
+                               rate=1.0, model=model)
+    if name == "llmd":  # llm-d's setup at the emulated fleet's scale (groups scaled with the fleet)
+        return llmd_workload(seed=seed, groups=n(60), requests=n(900), qps_start=1.0, qps_end=20.0, model=model)
+    if name == "chat":
+        return chat_workload(seed=seed, conversations=n(80), rate=1.0, model=model)
+    if name == "docqa":
+        return docqa_workload(seed=seed, documents=8, questions=n(500), rate=1.0, model=model)
+    if name == "agent":
+        return agent_workload(seed=seed, agents=n(50), rate=1.0, model=model)
+    if name == "unique":
+        return unique_workload(seed=seed, requests=n(400), rate=1.0, model=model)
+    if name == "mixed":
+        return mix(tenant_workload(seed=seed, tenants=32, system_tokens=3000, query_tokens=200, requests=n(300),
+                                   rate=1.0, model=model),
+                   chat_workload(seed=seed + 1, conversations=n(40), rate=1.0, model=model),
+                   unique_workload(seed=seed + 2, requests=n(100), prompt_tokens=1500, rate=1.0, model=model))
+    if name == "trace":
+        if not trace:
+            raise SystemExit("prefixlb bench: --workload trace needs --trace FILE.jsonl")
+        return trace_workload(trace, model=model)
+    raise SystemExit(f"prefixlb bench: unknown workload {name!r}")
+
+
+def retime(specs: list[RequestSpec], rate: float) -> list[RequestSpec]:
+    """Scale arrival times so the mean rate is ``rate`` requests per (emulated) second, keeping
+    each workload's own structure (think times, ramps, conversation order)."""
+    span = specs[-1].at if specs else 0.0
+    if span <= 0:
+        return specs
+    f = (len(specs) / rate) / span
+    return [RequestSpec(r.at * f, r.path, r.body, r.group, r.shared_tokens) for r in specs]
+
+
+def prefill_capacity(profile: str, prompt_tokens: int, max_model_len: int) -> float:
+    """Prompt tokens per second one replica prefills (a lone request of the mean size)."""
+    from prefixlb.engine import Engine, EngineRequest
+
+    e = Engine(profile, max_model_len=max_model_len, enable_kv_events=False, grade_quality=False, hash_algo="fast")
+    e.add_request(EngineRequest("probe", list(range(3, 3 + prompt_tokens)), max_tokens=1, ignore_eos=True), 0.0)
+    t = 0.0
+    while e.has_unfinished():
+        t = e.step(t).end
+    return prompt_tokens / t
+
+
+async def emulator_health(urls: list[str]) -> dict:
+    """How well the emulated fleet kept its time scale: late steps and re-anchorings."""
+    import aiohttp
+
+    steps = late = rebases = 0.0
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s:
+        for u in urls:
+            try:
+                async with s.get(u + "/metrics") as r:
+                    text = await r.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                continue
+            for line in text.splitlines():
+                if line.startswith("prefixlb_emulator_steps_total"):
+                    steps += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("prefixlb_emulator_late_steps_total"):
+                    late += float(line.rsplit(" ", 1)[1])
+                elif line.startswith("prefixlb_emulator_rebases_total"):
+                    rebases += float(line.rsplit(" ", 1)[1])
+    return {"emulator_late_step_share": round(late / steps, 4) if steps else None, "emulator_rebases": int(rebases)}
+
+
+async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -> dict:
+    proc = None
+    if fleet.urls:
+        urls = fleet.urls
+    else:
+        proc = start_fleet_process(fleet.replicas, base_port=0, profile=fleet.profile, time_scale=fleet.time_scale,
+                                   kv_capacity_tokens=fleet.kv_capacity_tokens, max_model_len=fleet.max_model_len,
+                                   startup_timeout=90)
+        urls = proc.urls
+    try:
+        model = specs[0].body.get("model", "")
+        probe_body = json.dumps({"model": model, "messages": [{"role": "user", "content": "ping"}],
+                                 "max_tokens": 1}).encode()
+        target = start_target(name, urls, probe=("/v1/chat/completions", probe_body))
+        try:
+            before = await replica_counters(urls)
+            bar = _progress(len(specs), name)
+            try:
+                outs, wall = await drive(target.url, specs, time_scale=fleet.time_scale, progress=bar,
+                                         fresh_connections=not args.keep_alive)
+            finally:
+                bar.close()
+            after = await replica_counters(urls)
+            health = await emulator_health(urls) if proc is not None else {}
+        finally:
+            target.stop()
+    finally:
+        if proc is not None:
+            proc.stop()
+    out = _summarize(name, outs, wall, fleet.time_scale, before, after, urls)
+    out.update(health)
+    if health.get("emulator_rebases") or (health.get("emulator_late_step_share") or 0) > 0.05:
+        print(f"prefixlb bench: WARNING: the emulated fleet fell behind its time scale during {name} "
+              f"({health}); its timings are stretched -- lower --time-scale", file=sys.stderr)
+    return out
+
+
+def _summarize(name, outs, wall, scale, before, after, urls) -> dict:
+    ok = [o for o in outs if o.ok]
+    ttfts = [o.ttft * 1e3 for o in ok if o.ttft is not None]
+    dq = sum(after[u][0] - before[u][0] for u in urls)
+    dh = sum(after[u][1] - before[u][1] for u in urls)
+    per_replica = {u: dq_u for u, dq_u in ((u, after[u][0] - before[u][0]) for u in urls)}
+    total_q = sum(per_replica.values()) or 1
+    return {
+        "name": name,
+        "hit_rate": round(dh / dq, 4) if dq else 0.0,
+        "ttft_p50_ms": round(percentile(ttfts, 0.5), 1),
+        "ttft_p90_ms": round(percentile(ttfts, 0.9), 1),
+        "ttft_p99_ms": round(percentile(ttfts, 0.99), 1),
+        "ttft_mean_ms": round(sum(ttfts) / len(ttfts), 1) if ttfts else math.nan,
+        "e2e_p50_ms": round(percentile([o.e2e * 1e3 for o in ok], 0.5), 1),
+        "throughput_rps": round(len(ok) / (wall * scale), 2) if wall else 0.0,
+        "errors": len(outs) - len(ok),
+        "requests": len(outs),
+        "busiest_replica_share": round(max(per_replica.values()) / total_q, 3),
+        "ttfts_ms": sorted(ttfts),
+    }
+
+
+class _progress:
+    def __init__(self, total: int, label: str) -> None:
+        try:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"{label:>16}", unit="req", file=sys.stderr, dynamic_ncols=True)
+        except ImportError:
+            self.bar = None
+            self.n, self.total, self.label = 0, total, label
+
+    def __call__(self, k: int) -> None:
+        if self.bar is not None:
+            self.bar.update(k)
+        else:
+            self.n += k
+            if self.n % max(1, self.total // 10) == 0:
+                print(f"{self.label}: {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def build_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="prefixlb bench", description=__doc__.split("\n\n")[0])
+    add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--workload", default="mixed",
+                    help="tenants | llmd | chat | docqa | agent | unique | mixed | trace (default mixed)")
+    ap.add_argument("--trace", help="JSONL trace for --workload trace (see prefixlb.loadgen.trace_workload)")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma-separated, from {', '.join(ALL_TARGETS)}")
+    ap.add_argument("--quick", action="store_true", help="a smaller workload and fewer targets' requests (< 5 min)")
+    ap.add_argument("--scale", type=float, default=None, help="workload size multiplier (default 1, --quick 0.35)")
+    ap.add_argument("--load", type=float, default=0.6,
+                    help="offered prompt tokens per second as a fraction of the fleet's prefill throughput, "
+                         "counting every prompt token as if nothing were cached (default 0.6)")
+    ap.add_argument("--pressure", type=float, default=1.2, metavar="X",
+                    help="size the fleet's total KV at X times the workload's shared working set (default 1.2); "
+                         "0 = the profile's capacity")
+    ap.add_argument("--replicas", type=int, default=4)
+    ap.add_argument("--profile", default="h100-llama3-8b")
+    ap.add_argument("--time-scale", type=float, default=4.0)
+    ap.add_argument("--replica", action="append", default=[], metavar="URL",
+                    help="benchmark real replicas (e.g. vLLM) instead of an emulated fleet; their caches are not "
+                         "reset between targets")
+    ap.add_argument("--model", default=None, help="served model name sent in requests (default: the profile's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--keep-alive", action="store_true",
+                    help="reuse client connections (default: a fresh connection per request; see the module doc)")
+    ap.add_argument("--json", type=Path, default=None, help="write the result object here")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for JSON, Markdown and plots")
+    ap.add_argument("--no-plots", action="store_true")
+
+
+def run(args: argparse.Namespace) -> dict:
+    scale = args.scale if args.scale is not None else (0.35 if args.quick else 1.0)
+    profile = get_profile(args.profile)
+    model = args.model or profile.model
+    specs = make_workload(args.workload, seed=args.seed, scale=scale, model=model, trace=args.trace)
+    tok = load_tokenizer(None)
+    mean_prompt = sum(len(prompt_token_ids(tok, r.body, r.chat)) for r in specs[:200]) / min(len(specs), 200)
+    ws = shared_working_set(specs)
+    kv = None
+    if args.pressure and ws and not args.replica:
+        kv = max(int(args.pressure * ws / args.replicas), args.__dict__.get("min_kv", 0), 20_000)
+    fleet = Fleet(replicas=args.replicas if not args.replica else len(args.replica), profile=args.profile,
+                  time_scale=args.time_scale if not args.replica else 1.0, kv_capacity_tokens=kv,
+                  max_model_len=min(16_384, kv or 16_384), urls=list(args.replica))
+    bounds: Bounds = compute_bounds(specs, profile=args.profile, replicas=fleet.replicas, kv_capacity_tokens=kv,
+                                    max_model_len=fleet.max_model_len)
+    cap = prefill_capacity(args.profile, int(mean_prompt), fleet.max_model_len)
+    if args.workload != "trace":
+        specs = retime(specs, args.load * fleet.replicas * cap / mean_prompt)
+    rate = len(specs) / specs[-1].at if specs and specs[-1].at else 0.0
+    print(f"prefixlb bench: workload {args.workload} ({len(specs)} requests, mean prompt {mean_prompt:.0f} tokens, "
+          f"shared working set {ws:,} tokens) at {rate:.2f} req/s: prompt tokens at {args.load:.0%} of the fleet's "
+          f"prefill throughput ({fleet.replicas} x {cap:,.0f} tokens/s, {args.profile}); KV per replica "
+          f"{kv if kv else 'profile default'} tokens", file=sys.stderr)
+    results = []
+    for name in [t.strip() for t in args.targets.split(",") if t.strip()]:
+        if name not in ALL_TARGETS:
+            raise SystemExit(f"prefixlb bench: unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
+        try:
+            results.append(asyncio.run(_run_target(name, specs, fleet, args)))
+        except RuntimeError as exc:
+            print(f"prefixlb bench: skipping {name}: {exc}", file=sys.stderr)
+            results.append({"name": name, "skipped": str(exc)})
+    report = {
+        "workload": args.workload,
+        "oracle_hit_rate": round(bounds.pooled_hit_rate, 4),
+        "ttft_floor_ms": bounds.ttft_floor_ms,
+        "targets": [{k: v for k, v in r.items() if k != "ttfts_ms"} for r in results],
+        "setup": {
+            "requests": len(specs), "rate_rps": round(rate, 3), "load": args.load,
+            "load_definition": "offered prompt tokens/s over the fleet's prefill throughput, nothing cached",
+            "mean_prompt_tokens": round(mean_prompt),
+            "shared_working_set_tokens": ws, "kv_capacity_tokens_per_replica": kv,
+            "fleet_kv_over_working_set": round(kv * fleet.replicas / ws, 2) if kv and ws else None,
+            "replicas": fleet.replicas, "profile": args.profile, "time_scale": fleet.time_scale,
+            "real_replicas": bool(args.replica), "seed": args.seed, "keep_alive": args.keep_alive,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["prefixlb", "bench"] + sys.argv[1:]),
+        },
+    }
+    for t in report["targets"]:
+        if "skipped" not in t:
+            t["ttft_p90_over_floor_ms"] = round(t["ttft_p90_ms"] - bounds.ttft_floor_ms["p90"], 1)
+            t["ttft_p99_over_floor_ms"] = round(t["ttft_p99_ms"] - bounds.ttft_floor_ms["p99"], 1)
+            t["hit_rate_of_oracle"] = round(t["hit_rate"] / bounds.pooled_hit_rate, 3) if bounds.pooled_hit_rate else None
+    report["checks"] = _checks(report)
+    _write(report, results, bounds, args)
+    return report
+
+
+def _checks(report: dict) -> list[dict]:
+    by = {t["name"]: t for t in report["targets"] if "skipped" not in t}
+    out = []
+    p = by.get("prefixlb")
+    if p and report["oracle_hit_rate"]:
+        out.append({"check": "prefixlb hit rate >= 90% of the pooled cache's",
+                    "value": f"{p['hit_rate']:.3f} / {report['oracle_hit_rate']:.3f} = {p['hit_rate_of_oracle']:.2f}",
+                    "ok": p["hit_rate_of_oracle"] >= 0.9})
+    g = by.get("sglang-router")
+    if p and g:
+        for q in ("p90", "p99"):
+            a, b = p[f"ttft_{q}_over_floor_ms"], g[f"ttft_{q}_over_floor_ms"]
+            out.append({"check": f"prefixlb TTFT {q} distance from floor <= half of sglang-router's",
+                        "value": f"{a:.0f} ms vs {b:.0f} ms", "ok": a <= 0.5 * b})
+    others = [t for n, t in by.items() if n != "prefixlb"]
+    if p and others:
+        best = min(others, key=lambda t: t["ttft_p99_ms"])
+        out.append({"check": "prefixlb has the lowest TTFT p99 of all targets",
+                    "value": f"{p['ttft_p99_ms']:.0f} ms vs best other {best['name']} {best['ttft_p99_ms']:.0f} ms",
+                    "ok": p["ttft_p99_ms"] <= best["ttft_p99_ms"]})
+    return out
+
+
+def to_markdown(report: dict) -> str:
+    s = report["setup"]
+    lines = [f"### {report['workload']}: {s['requests']} requests at {s['rate_rps']} req/s (prompt tokens at "
+             f"{s['load']:.0%} of prefill throughput), {s['replicas']} x {s['profile']}" + (" (real replicas)" if s["real_replicas"] else
+                                                               f" emulated at {s['time_scale']:g}x"),
+             "",
+             f"`{s['command']}` — {s['date']}. Shared working set {s['shared_working_set_tokens']:,} tokens; fleet KV "
+             f"{s['fleet_kv_over_working_set'] or 'n/a'}x of it. Bounds: pooled-cache hit rate "
+             f"**{report['oracle_hit_rate']:.1%}**, TTFT floor p50/p90/p99 **{report['ttft_floor_ms']['p50']:.0f} / "
+             f"{report['ttft_floor_ms']['p90']:.0f} / {report['ttft_floor_ms']['p99']:.0f} ms** (emulated).",
+             "",
+             "| target | hit rate | of pooled | TTFT p50 ms | p90 | p99 | p90 over floor | p99 over floor | req/s | "
+             "errors | busiest replica | emulator late steps |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in report["targets"]:
+        if "skipped" in t:
+            lines.append(f"| {t['name']} | skipped: {t['skipped']} |||||||||| ")
+            continue
+        lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {t['hit_rate_of_oracle']:.0%} | {t['ttft_p50_ms']:.0f} | "
+                     f"{t['ttft_p90_ms']:.0f} | {t['ttft_p99_ms']:.0f} | +{t['ttft_p90_over_floor_ms']:.0f} | "
+                     f"+{t['ttft_p99_over_floor_ms']:.0f} | {t['throughput_rps']:.2f} | {t['errors']} | "
+                     f"{t['busiest_replica_share']:.0%} | "
+                     f"{'n/a' if t.get('emulator_late_step_share') is None else format(t['emulator_late_step_share'], '.1%')} |")
+    if report["checks"]:
+        lines += [""] + [f"- {'✅' if c['ok'] else '❌'} {c['check']}: {c['value']}" for c in report["checks"]]
+    return "\n".join(lines) + "\n"
+
+
+def _write(report: dict, results: list[dict], bounds: Bounds, args) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"bench_{report['workload']}" + ("_quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{stem}.md").write_text(to_markdown(report))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    if not args.no_plots:
+        try:
+            _plot(results, bounds, args.out / f"{stem}_ttft_cdf.png", report)
+        except ImportError:
+            print("prefixlb bench: matplotlib not installed; no plots (pip install 'prefixlb[bench]')", file=sys.stderr)
+    print(to_markdown(report))
+
+
+def _plot(results: list[dict], bounds: Bounds, path: Path, report: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    floor = sorted(bounds.floors_ms)
+    ax.plot(floor, [(i + 1) / len(floor) for i in range(len(floor))], "k--", label="floor (pooled cache, idle)")
+    for r in results:
+        xs = r.get("ttfts_ms")
+        if xs:
+            ax.plot(xs, [(i + 1) / len(xs) for i in range(len(xs))], label=f"{r['name']} (hit {r['hit_rate']:.0%})")
+    ax.set_xscale("log")
+    ax.set_xlabel("time to first token (emulated ms, log scale)")
+    ax.set_ylabel("fraction of requests")
+    ax.set_title(f"TTFT CDF — {report['workload']} ({report['setup']['requests']} requests, "
+                 f"{report['setup']['load']:.0%} load)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    report = run(build_args(argv))
+    return 0 if all(c["ok"] for c in report["checks"]) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
