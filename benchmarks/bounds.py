@@ -20,9 +20,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from prefixlb.emulator.api import prompt_token_ids
 from prefixlb.emulator.replica import load_tokenizer
-from prefixlb.engine import Engine, EngineRequest
+from prefixlb.engine import Engine, EngineRequest, request_prompt_ids
 from prefixlb.loadgen import RequestSpec
 
 __all__ = ["Bounds", "compute_bounds", "percentile"]
@@ -58,7 +57,7 @@ def compute_bounds(specs: Sequence[RequestSpec], *, profile: str, replicas: int,
     floors: list[float] = []
     prompt_total = 0
     for i, spec in enumerate(specs):
-        ids = prompt_token_ids(tok, spec.body, spec.chat)
+        ids = request_prompt_ids(tok, spec.body, spec.chat)
         prompt_total += len(ids)
         max_tokens = int(spec.body.get("max_tokens") or 16)
         engine.add_request(EngineRequest(f"b{i}", ids, max_tokens=max_tokens, ignore_eos=True), now)

@@ -39,10 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bounds import Bounds, compute_bounds, percentile  # noqa: E402
 from targets import PEERS, POLICY_TARGETS, start_target  # noqa: E402
 
-from prefixlb.emulator.api import prompt_token_ids  # noqa: E402
 from prefixlb.emulator.fleet import start_fleet_process  # noqa: E402
 from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
-from prefixlb.engine import get_profile  # noqa: E402
+from prefixlb.engine import get_profile, request_prompt_ids  # noqa: E402
 from prefixlb.loadgen import (  # noqa: E402
     RequestSpec,
     agent_workload,
@@ -268,7 +267,7 @@ def run(args: argparse.Namespace) -> dict:
     model = args.model or profile.model
     specs = make_workload(args.workload, seed=args.seed, scale=scale, model=model, trace=args.trace)
     tok = load_tokenizer(None)
-    mean_prompt = sum(len(prompt_token_ids(tok, r.body, r.chat)) for r in specs[:200]) / min(len(specs), 200)
+    mean_prompt = sum(len(request_prompt_ids(tok, r.body, r.chat)) for r in specs[:200]) / min(len(specs), 200)
     ws = shared_working_set(specs)
     kv = None
     if args.pressure and ws and not args.replica:

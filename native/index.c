@@ -1307,7 +1307,7 @@ static PyTypeObject IndexType = {
 
 /* Per-replica slab layout (doubles), written by ReplicaState._sync(). */
 enum { F_BACKLOG = 1, F_BACKLOG_T, F_RATIO, F_CONTEXT, F_SCRAPED_AT, F_WAITING, F_RUNNING, F_KV,
-       F_AVG_UNC, F_AVG_PROMPT, F_INFLIGHT, F_COUNT };
+       F_AVG_UNC, F_AVG_PROMPT, F_INFLIGHT, F_KV_ALLOC, F_KV_CAP, F_COUNT };
 
 static int get_double(PyObject *o, double *out)
 {
@@ -1315,20 +1315,21 @@ static int get_double(PyObject *o, double *out)
     return (*out == -1.0 && PyErr_Occurred()) ? -1 : 0;
 }
 
-/* score(slab, candidates, matches, P, tpb, now, fixed, inv, cc, mean_ratio, step_tokens,
- *       staleness, pressure_weight, tie, u) -> (replica_id, cost, ttft, cached_tokens) */
+/* score(slab, candidates, matches, P, tpb, now, fixed, inv, kappa, mean_ratio, step_tokens,
+ *       staleness, pressure_weight, tie, u[, out_tokens, duration, congestion]) -> (replica_id, cost, ttft, cached) */
 static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 15) {
-        PyErr_SetString(PyExc_TypeError, "score() takes 15 arguments");
+    if (nargs != 15 && nargs != 18) {
+        PyErr_SetString(PyExc_TypeError, "score() takes 15 or 18 arguments");
         return NULL;
     }
-    double v[12];
-    for (int i = 0; i < 12; i++)
+    double v[15] = {0};
+    for (int i = 0; i < nargs - 3; i++)
         if (get_double(args[3 + i], &v[i]) < 0)
             return NULL;
-    const double P = v[0], tpb = v[1], now = v[2], fixed = v[3], inv = v[4], cc = v[5], mean_ratio = v[6],
-                 step = v[7], stale = v[8], pw = v[9], tie = v[10], u = v[11];
+    const double P = v[0], tpb = v[1], now = v[2], fixed = v[3], inv = v[4], kappa = v[5], mean_ratio = v[6],
+                 step = v[7], stale = v[8], pw = v[9], tie = v[10], u = v[11], out_tokens = v[12], duration = v[13],
+                 congestion = v[14];
     Py_buffer sb, cb;
     if (PyObject_GetBuffer(args[0], &sb, PyBUF_FORMAT | PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
@@ -1408,7 +1409,7 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         double own = dt > 0.0 ? f[F_BACKLOG] - dt / invr : f[F_BACKLOG];
         if (own < 0.0)
             own = 0.0;
-        double ctx = f[F_CONTEXT];
+        double n = f[F_INFLIGHT], ctx = f[F_CONTEXT];
         double age = now - f[F_SCRAPED_AT];
         if (age <= 8.0 * stale) {
             double w = exp(-(age > 0.0 ? age : 0.0) / stale);
@@ -1417,15 +1418,25 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
             if (extra_wait > 0.0)
                 own += w * extra_wait * f[F_AVG_UNC];
             double extra_seqs = f[F_RUNNING] + f[F_WAITING] - f[F_INFLIGHT];
-            if (extra_seqs > 0.0)
+            if (extra_seqs > 0.0) {
+                n += w * extra_seqs;
                 ctx += w * extra_seqs * f[F_AVG_PROMPT];
+            }
         }
         double work = own + uncached;
         double steps = work > 0.0 ? ceil(work / step) : 1.0;
-        double t = ratio * (fixed + work * inv + steps * ctx * cc);
+        double t = ratio * (fixed + inv * (work + steps * (n + kappa * ctx)));
+        double alloc = f[F_KV_ALLOC], cap = f[F_KV_CAP];
+        if (cap > 0.0 && alloc > 0.0) {
+            double over = alloc + uncached + out_tokens - cap;
+            if (over > 0.0)
+                t += (over / alloc < 1.0 ? over / alloc : 1.0) * duration;
+        }
         double total = t;
         if (pw != 0.0 && f[F_KV] != 0.0)
             total += pw * uncached * f[F_KV] * invr;
+        if (congestion != 0.0)
+            total += congestion * uncached * invr;
         cost[i] = total;
         ttft[i] = t;
         cached[i] = c;
@@ -1516,8 +1527,8 @@ static PyMethodDef module_methods[] = {
     {"chain", (PyCFunction)(void (*)(void))mod_chain, METH_VARARGS | METH_KEYWORDS,
      "chain(data, block_size=64, seed=0) -> Chain\n--\n\nThe same chain as a compact Chain."},
     {"score", (PyCFunction)(void (*)(void))mod_score, METH_FASTCALL,
-     "score(slab, candidates, matches, P, tpb, now, fixed, inv, cc, mean_ratio, step_tokens, staleness, "
-     "pressure_weight, tie, u) -> (replica, cost, ttft, cached)\n--\n\nThe cache_aware cost model over every "
+     "score(slab, candidates, matches, P, tpb, now, fixed, inv, kappa, mean_ratio, step_tokens, staleness, "
+     "pressure_weight, tie, u[, out_tokens, duration, congestion]) -> (replica, cost, ttft, cached)\n--\n\nThe cache_aware cost model over every "
      "candidate (prefixlb.routing.scoring.score_py is the reference)."},
     {"xxh64", (PyCFunction)(void (*)(void))mod_xxh64, METH_VARARGS | METH_KEYWORDS,
      "xxh64(data, seed=0) -> int\n--\n\nOne-shot XXH64 (exposed for tests)."},

@@ -11,7 +11,7 @@ tiers:                            # cheapest first
     model: llama-3.1-8b           # the model name the replicas serve
     price: {input_per_mtok: 0.18, output_per_mtok: 0.18}
     replicas: [http://127.0.0.1:9001, {url: http://127.0.0.1:9002, capacity_tokens: 400000}]
-    cost: {prefill_tokens_per_s: 12000, fixed_ms: 15, ctx_ms_per_100k_tokens: 4, step_tokens: 8192}
+    cost: {prefill_tokens_per_s: 12000, fixed_ms: 15, context_weight: 0.001, step_tokens: 8192}
 routing: {policy: cache_aware, default_tier: small}
 admin: {token_env: PREFIXLB_ADMIN_TOKEN}
 ```
@@ -47,7 +47,7 @@ class ReplicaConfig:
 class CostConfig:
     prefill_tokens_per_s: float = 10_000.0
     fixed_ms: float = 10.0
-    ctx_ms_per_100k_tokens: float = 4.0
+    context_weight: float = 1e-3  # prefill-token equivalents per context token per step
     step_tokens: int = 8192
 
 
@@ -172,7 +172,7 @@ def _tier(obj: Any, path: str) -> TierConfig:
         seen.add(r.url)
     price = _keys(m.get("price"), f"{path}.price", ("input_per_mtok", "output_per_mtok"))
     cost = _keys(m.get("cost"), f"{path}.cost",
-                 ("prefill_tokens_per_s", "fixed_ms", "ctx_ms_per_100k_tokens", "step_tokens"))
+                 ("prefill_tokens_per_s", "fixed_ms", "context_weight", "step_tokens"))
     cp = f"{path}.cost"
     return TierConfig(
         name=name,
@@ -183,7 +183,7 @@ def _tier(obj: Any, path: str) -> TierConfig:
         cost=CostConfig(
             prefill_tokens_per_s=_num(cost, "prefill_tokens_per_s", cp, 10_000.0, lo=1),
             fixed_ms=_num(cost, "fixed_ms", cp, 10.0, lo=0),
-            ctx_ms_per_100k_tokens=_num(cost, "ctx_ms_per_100k_tokens", cp, 4.0, lo=0),
+            context_weight=_num(cost, "context_weight", cp, 1e-3, lo=0, hi=1),
             step_tokens=_num(cost, "step_tokens", cp, 8192, lo=16, integer=True),
         ),
     )

@@ -49,15 +49,30 @@ _WORDS = (
 ).split()
 
 
+_POOL: str | None = None
+_POOL_BYTES = 1 << 22
+
+
+def _text_pool() -> str:
+    """4 MB of word salad, generated once (fixed seed): text is sliced out of it in O(1)."""
+    global _POOL
+    if _POOL is None:
+        rng = random.Random(0x5EED)
+        words = [rng.choice(_WORDS) for _ in range(_POOL_BYTES // 5)]
+        _POOL = " ".join(words)[:_POOL_BYTES]
+    return _POOL
+
+
 def text_of_tokens(rng: random.Random, tokens: int) -> str:
-    """About ``tokens`` tokens of text (4 bytes a token, the emulator's default tokenizer)."""
-    out, n = [], 0
-    target = tokens * 4
-    while n < target:
-        w = rng.choice(_WORDS)
-        out.append(w)
-        n += len(w) + 1
-    return " ".join(out)[:target]
+    """About ``tokens`` tokens of text (4 bytes a token, the emulator's default tokenizer): a
+    slice of a fixed text pool at an offset drawn from ``rng`` (deterministic, O(1) per call,
+    so million-request workloads generate in seconds)."""
+    pool = _text_pool()
+    n = max(0, tokens * 4)
+    if n >= len(pool):
+        return (pool * (n // len(pool) + 1))[:n]
+    o = rng.randrange(len(pool) - n)
+    return pool[o : o + n]
 
 
 @dataclass(frozen=True, slots=True)

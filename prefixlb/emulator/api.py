@@ -33,7 +33,15 @@ import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from prefixlb.engine import EngineRequest, QualityOutcome, RequestOutput, TokenLogprob, Tokenizer, prompt_difficulty
+from prefixlb.engine import (
+    EngineRequest,
+    QualityOutcome,
+    RequestOutput,
+    TokenLogprob,
+    Tokenizer,
+    chat_prompt_ids,
+    prompt_difficulty,
+)
 
 from .config import EMULATED_VLLM_VERSION
 from .detokenize import IncrementalText
@@ -172,10 +180,9 @@ def completion_token_ids(tok: Tokenizer, p: CompletionParams) -> list[int]:
 
 
 def chat_token_ids(tok: Tokenizer, p: ChatParams) -> list[int]:
-    """The prompt tokens of a parsed chat request: the chat template rendered, then encoded
-    without special tokens (the template carries its own), as vLLM does."""
-    text = tok.apply_chat_template(p.messages, add_generation_prompt=p.add_generation_prompt, tools=p.tools)
-    return tok.encode(text, add_special_tokens=p.add_special_tokens)
+    """The prompt tokens of a parsed chat request (prefixlb.engine.chat_prompt_ids)."""
+    return chat_prompt_ids(tok, p.messages, tools=p.tools, add_generation_prompt=p.add_generation_prompt,
+                           add_special_tokens=p.add_special_tokens)
 
 
 def prompt_token_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list[int]:

@@ -22,7 +22,7 @@ from .quality import QualityOutcome, assess, prompt_difficulty, token_difficulty
 from .request import EngineRequest
 from .stats import EngineCounters, MetricsSnapshot
 from .timing import StepComposition, chunk_pairs, step_duration
-from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, default_tokenizer
+from .tokenizer import ByteTokenizer, HFTokenizer, Tokenizer, chat_prompt_ids, default_tokenizer, request_prompt_ids
 
 __all__ = [
     "HASH_ALGOS",
@@ -52,7 +52,9 @@ __all__ = [
     "Tokenizer",
     "assess",
     "chunk_pairs",
+    "chat_prompt_ids",
     "default_tokenizer",
+    "request_prompt_ids",
     "external_hash",
     "get_profile",
     "none_hash",

@@ -239,6 +239,30 @@ class ByteTokenizer:
 _DEFAULT: ByteTokenizer | None = None
 
 
+def chat_prompt_ids(tok: Tokenizer, messages: list[dict[str, Any]], *, tools: list[Any] | None = None,
+                    add_generation_prompt: bool = True, add_special_tokens: bool = False) -> list[int]:
+    """A chat request's prompt tokens as vLLM builds them: the chat template rendered, then
+    encoded without special tokens (the template carries its own, e.g. no extra BOS)."""
+    text = tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    return tok.encode(text, add_special_tokens=add_special_tokens)
+
+
+def request_prompt_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list[int]:
+    """Prompt tokens of a well-formed OpenAI request body (chat or completions), as a vLLM
+    replica computes them. No validation: the emulator's protocol layer validates client input;
+    this serves callers that generated the body themselves (simulator, benchmark bounds)."""
+    if chat:
+        return chat_prompt_ids(tok, body["messages"], tools=body.get("tools"),
+                               add_generation_prompt=body.get("add_generation_prompt", True),
+                               add_special_tokens=body.get("add_special_tokens", False))
+    prompt = body["prompt"]
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
+        prompt = prompt[0]
+    if isinstance(prompt, list):
+        return list(prompt)
+    return tok.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
+
+
 def default_tokenizer() -> ByteTokenizer:
     """A shared :class:`ByteTokenizer` (stateless apart from a cached sample pool)."""
     global _DEFAULT

@@ -23,6 +23,12 @@ router's hooks do that after dispatch).
 * ``consistent_hash``: consistent hashing with bounded loads (CHWBL) on the first prompt
   blocks: a prefix maps to a fixed replica unless that replica has more than ``load_factor``
   times the mean in-flight requests.
+* ``sglang_like``: a model of sglang-router's (and vllm-router's) ``cache_aware`` rule, from
+  their source (../shared/field.md §2), for the simulator's side-by-side runs: if in-flight
+  requests are imbalanced (max - min > 64 and max > 1.5 x min) the least loaded replica;
+  else the replica with the longest prefix match if it covers more than 30% of the prompt;
+  else the least loaded (ties to the first listed). Pair it with an index that never forgets
+  (their tree keeps 2^26 characters per worker), as the simulator's ``--peer`` setting does.
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ __all__ = [
     "Pick",
     "Policy",
     "RoundRobin",
+    "SglangLike",
     "make_policy",
 ]
 
@@ -101,9 +108,12 @@ def cached_for(matched_blocks: int, prompt_tokens: float, tokens_per_block: floa
 class CacheAware(Policy):
     name = "cache_aware"
 
-    def __init__(self, rng: random.Random | None = None, pressure_weight: float = 0.5, tie: float = 0.02) -> None:
+    def __init__(self, rng: random.Random | None = None, pressure_weight: float = 1.0, tie: float = 0.02,
+                 memory: bool = True, congestion: bool = True) -> None:
         super().__init__(rng)
         self.pressure_weight = pressure_weight
+        self.memory = memory
+        self.congestion = congestion
         self.tie = tie  # costs within this fraction of the best are ties (broken at random)
 
     def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
@@ -117,8 +127,10 @@ class CacheAware(Policy):
             slab = router.slab
         rid, _cost, ttft, cached = score(
             slab, ids, matches, prompt_tokens, tokens_per_block, now, tier.fixed, tier.inv_rate,
-            tier.ctx_coef * 1e-5, tier.mean_ratio, float(candidates[0].params.step_tokens),
+            candidates[0].params.context_weight, tier.mean_ratio, float(candidates[0].params.step_tokens),
             candidates[0].params.staleness_s, self.pressure_weight, self.tie, self.rng.random(),
+            router._out_tokens if router is not None else 0.0, tier.duration if self.memory else 0.0,
+            router.congestion(now) if (router is not None and self.congestion) else 0.0,
         )
         r = router.replicas[rid] if router is not None else next(c for c in candidates if c.id == rid)
         return Pick(r, cached, ttft)
@@ -199,11 +211,42 @@ class ConsistentHash(Policy):
         return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
 
 
+class SglangLike(Policy):
+    """sglang-router's cache_aware decision (thresholds at its CLI defaults)."""
+
+    name = "sglang_like"
+
+    def __init__(self, rng: random.Random | None = None, cache_threshold: float = 0.3, balance_abs: int = 64,
+                 balance_rel: float = 1.5) -> None:
+        super().__init__(rng)
+        self.cache_threshold = cache_threshold
+        self.balance_abs = balance_abs
+        self.balance_rel = balance_rel
+
+    def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
+        loads = [r.inflight for r in candidates]
+        lo, hi = min(loads), max(loads)
+        least = candidates[loads.index(lo)]
+        if hi - lo > self.balance_abs and hi > self.balance_rel * lo:
+            r = least
+        else:
+            best, best_m = None, 0
+            for c in candidates:
+                m = matches.get(c.id, 0)
+                if m > best_m:
+                    best, best_m = c, m
+            rate = best_m * tokens_per_block / prompt_tokens if best is not None else 0.0
+            r = best if rate > self.cache_threshold else least
+        cached = cached_for(matches.get(r.id, 0), prompt_tokens, tokens_per_block)
+        return Pick(r, cached, r.predict_ttft(prompt_tokens - cached, now))
+
+
 POLICIES: dict[str, type[Policy]] = {
     "cache_aware": CacheAware,
     "round_robin": RoundRobin,
     "least_loaded": LeastLoaded,
     "consistent_hash": ConsistentHash,
+    "sglang_like": SglangLike,
 }
 
 

@@ -11,6 +11,7 @@ of ``finished`` / ``failed``, which the caller guarantees with ``try/finally``).
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from array import array
@@ -30,6 +31,8 @@ __all__ = ["Decision", "NoReplicaAvailable", "TierRouter"]
 
 #: index capacity for a replica whose KV capacity is not known yet (blocks of block_bytes)
 DEFAULT_CAPACITY_TOKENS = 256_000
+#: time constant of the tier's utilisation estimate (seconds)
+_WORK_TAU = 5.0
 
 
 class NoReplicaAvailable(Exception):
@@ -45,13 +48,13 @@ class Decision:
     cached_tokens: float  # predicted prefix-cache hit on the chosen replica
     predicted_ttft: float
     policy: str
+    out_tokens: float  # the output budget the request may use (max_tokens, or the tier default)
     decided_at: float
     decision_s: float = 0.0  # wall time spent deciding
     # set by the hooks
     dispatched_at: float | None = None
     backlog_end: float = 0.0
-    work_at_dispatch: float = 0.0
-    ctx_at_dispatch: float = 0.0
+    work_at_dispatch: float = 0.0  # token-equivalents ahead of the first token (the TTFT model's x)
     first_token_at: float | None = None
     closed: bool = False
     inserted: bool = False
@@ -60,6 +63,11 @@ class Decision:
     @property
     def uncached_tokens(self) -> float:
         return self.prompt_tokens - self.cached_tokens
+
+    @property
+    def kv_tokens(self) -> float:
+        """KV blocks (in tokens) the request allocates on the replica: uncached prompt + output."""
+        return self.uncached_tokens + self.out_tokens
 
 
 class TierRouter:
@@ -88,6 +96,10 @@ class TierRouter:
         self.replicas: dict[int, ReplicaState] = {}
         self._ordered: list[ReplicaState] = []
         self.model = TierModel(self.params)
+        self.default_output_tokens = 256.0  # output budget assumed when a request sets none
+        self._work = 0.0  # EW sum of uncached prompt tokens dispatched (time constant _WORK_TAU)
+        self._work_t = 0.0
+        self._out_tokens = self.default_output_tokens  # of the decision being made (for policies)
         self.slab = array("d")  # one row of F_COUNT doubles per replica id (see scoring.py)
         self._available: list[ReplicaState] = []
         self._available_ids = array("I")
@@ -157,8 +169,12 @@ class TierRouter:
     def tokens_per_block(self) -> float:
         return self.block_bytes / self.bytes_per_token
 
-    def decide(self, key: PromptKey, now: float | None = None, exclude: Iterable[int] = ()) -> Decision:
-        """Choose a replica for a prompt; raises NoReplicaAvailable when none can take it."""
+    def decide(self, key: PromptKey, now: float | None = None, exclude: Iterable[int] = (),
+               max_tokens: int | None = None) -> Decision:
+        """Choose a replica for a prompt; raises NoReplicaAvailable when none can take it.
+
+        ``max_tokens`` is the request's output budget (None: ``default_output_tokens``).
+        """
         t0 = time.perf_counter()
         now = self.clock() if now is None else now
         self._decisions += 1
@@ -187,6 +203,8 @@ class TierRouter:
             prefix_key = chain[min(len(chain), kb) - 1]
         else:
             prefix_key = xxhash.xxh64_intdigest(key.data, key.seed)
+        out = float(max_tokens) if max_tokens else self.default_output_tokens
+        self._out_tokens = out
         pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now,
                                         self, ids)
         matched = matches.get(pick.replica.id, 0)
@@ -198,9 +216,24 @@ class TierRouter:
             cached_tokens=pick.cached_tokens,
             predicted_ttft=pick.predicted_ttft,
             policy=self.policy.name,
+            out_tokens=out,
             decided_at=now,
             decision_s=time.perf_counter() - t0,
         )
+
+    def utilisation(self, now: float) -> float:
+        """The tier's prefill utilisation: uncached tokens dispatched per second (exponentially
+        weighted over ``_WORK_TAU`` s) over what its available replicas prefill per second."""
+        n = len(self._available) if not self._available_dirty else sum(1 for r in self._ordered if r.available)
+        if not n:
+            return 1.0
+        rate = self._work * math.exp(-max(0.0, now - self._work_t) / _WORK_TAU) / _WORK_TAU
+        return rate * self.model.inv_rate / n
+
+    def congestion(self, now: float) -> float:
+        """rho / (1 - rho): the delay one more unit of work imposes on others, per unit (M/M/1)."""
+        rho = min(self.utilisation(now), 0.95)
+        return rho / (1.0 - rho)
 
     # -- hooks: the only writers of replica state and the index ------------------------------
 
@@ -208,8 +241,10 @@ class TierRouter:
         """The request was sent to ``d.replica``: it will hold the prompt's blocks."""
         now = self.clock() if now is None else now
         r = d.replica
-        d.work_at_dispatch, d.ctx_at_dispatch = r.features(d.uncached_tokens, now)
-        d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now)
+        d.work_at_dispatch = r.feature(d.uncached_tokens, now)
+        d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
+        self._work = self._work * math.exp(-max(0.0, now - self._work_t) / _WORK_TAU) + d.uncached_tokens
+        self._work_t = now
         d.dispatched_at = now
         d.attempts.append(r.id)
         if r.id in self.replicas:
@@ -224,7 +259,7 @@ class TierRouter:
         d.first_token_at = now
         r = d.replica
         r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
-        r.observe_ttft(d.work_at_dispatch, d.ctx_at_dispatch, now - d.dispatched_at, now)
+        r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
 
     def finished(self, d: Decision, now: float | None = None, usage: dict | None = None,
                  prompt_text_bytes: int | None = None) -> None:
@@ -236,7 +271,8 @@ class TierRouter:
         r = d.replica
         if d.first_token_at is None:
             r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
-        r.on_finish(d.prompt_tokens)
+        r.on_finish(d.prompt_tokens, d.kv_tokens)
+        self.model.observe_duration(now - d.dispatched_at)
         if usage:
             self._learn_from_usage(d, usage, prompt_text_bytes)
 
@@ -247,7 +283,7 @@ class TierRouter:
             return
         now = self.clock() if now is None else now
         d.closed = True
-        d.replica.on_cancel(d.uncached_tokens, d.prompt_tokens, now)
+        d.replica.on_cancel(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
         if d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
             self.index.remove_blocks(d.replica.id, d.chain[d.matched_blocks:])
 
@@ -287,7 +323,6 @@ class TierRouter:
                 "backlog_tokens": round(r.backlog(now), 1),
                 "prefill_tokens_per_s": round(r.prefill_rate, 1),
                 "fixed_ms": round(r.fixed_s * 1e3, 2),
-                "ctx_ms_per_100k_tokens": round(r.ctx_s_per_100k * 1e3, 3),
                 "context_tokens": round(r.context),
                 "capacity_tokens": r.capacity_tokens,
                 "capacity_scale": round(r.capacity_scale, 3),

@@ -6,8 +6,15 @@ else ``score_py``, its readable twin; the tests require them to agree. Both read
 its own row after every change), so the loop touches no Python objects.
 
 For each candidate: uncached = P - min(P - 1, matched blocks * tokens per block);
-TTFT = ratio * (fixed + work * inv + steps * context * cc) with work = prefill backlog ahead
-(fluid, plus fresh scraped load) + uncached, steps = ceil(work / step_tokens); cost = TTFT +
+TTFT = ratio * (fixed + inv * (work + steps * (running + kappa * context))) with work = prefill
+backlog ahead (fluid, plus fresh scraped load) + uncached, steps = ceil(work / step_tokens),
+running and context the sequences in flight and their prompt tokens (plus fresh scraped
+sequences beyond the balancer's own); plus, when the KV blocks this request needs (uncached
+prompt + output budget) do not fit beside those the requests in flight hold, the wait for
+enough of them to finish: overflow / allocated x the tier's mean request duration (vLLM
+admits a request only when its blocks fit, so memory, not compute, is then the queue);
+cost = TTFT + congestion * uncached * inv * ratio (the prefill this request adds is time other
+requests will wait: with the fleet's utilisation rho, congestion = rho / (1 - rho)) +
 pressure_weight * uncached * pressure * inv * ratio, where pressure (0..1) is how full the
 replica's cache is: placing uncached tokens there evicts other prefixes that will cost their
 prefill again. Costs within ``tie`` of the best tie; among
@@ -26,13 +33,14 @@ __all__ = ["F_COUNT", "NATIVE_SCORE", "score", "score_py"]
 
 # slab row layout (doubles); F_COUNT per replica
 (F_RESERVED, F_BACKLOG, F_BACKLOG_T, F_RATIO, F_CONTEXT, F_SCRAPED_AT, F_WAITING, F_RUNNING, F_KV,
- F_AVG_UNC, F_AVG_PROMPT, F_INFLIGHT) = range(12)
-F_COUNT = 12
+ F_AVG_UNC, F_AVG_PROMPT, F_INFLIGHT, F_KV_ALLOC, F_KV_CAP) = range(14)
+F_COUNT = 14
 
 
 def score_py(slab: array, candidates: array, matches: Mapping[int, int], P: float, tpb: float, now: float,
-             fixed: float, inv: float, cc: float, mean_ratio: float, step: float, stale: float, pw: float,
-             tie: float, u: float) -> tuple[int, float, float, float]:
+             fixed: float, inv: float, kappa: float, mean_ratio: float, step: float, stale: float, pw: float,
+             tie: float, u: float, out_tokens: float = 0.0, duration: float = 0.0,
+             congestion: float = 0.0) -> tuple[int, float, float, float]:
     """(replica id, cost, predicted TTFT, predicted cached tokens) of the chosen candidate."""
     if not len(candidates):
         raise ValueError("no candidates")
@@ -50,24 +58,33 @@ def score_py(slab: array, candidates: array, matches: Mapping[int, int], P: floa
         dt = now - slab[b + F_BACKLOG_T]
         own = slab[b + F_BACKLOG] - dt / invr if dt > 0.0 else slab[b + F_BACKLOG]
         own = max(own, 0.0)
-        ctx = slab[b + F_CONTEXT]
+        inflight = slab[b + F_INFLIGHT]
+        n, ctx = inflight, slab[b + F_CONTEXT]
         age = now - slab[b + F_SCRAPED_AT]
         if age <= 8.0 * stale:
             w = math.exp(-max(age, 0.0) / stale)
-            inflight, avg_unc = slab[b + F_INFLIGHT], slab[b + F_AVG_UNC]
+            avg_unc = slab[b + F_AVG_UNC]
             extra_wait = slab[b + F_WAITING] - min(inflight, own / avg_unc)
             if extra_wait > 0.0:
                 own += w * extra_wait * avg_unc
             extra_seqs = slab[b + F_RUNNING] + slab[b + F_WAITING] - inflight
             if extra_seqs > 0.0:
+                n += w * extra_seqs
                 ctx += w * extra_seqs * slab[b + F_AVG_PROMPT]
         work = own + uncached
         steps = math.ceil(work / step) if work > 0.0 else 1.0
-        t = ratio * (fixed + work * inv + steps * ctx * cc)
+        t = ratio * (fixed + inv * (work + steps * (n + kappa * ctx)))
+        alloc, cap = slab[b + F_KV_ALLOC], slab[b + F_KV_CAP]
+        if cap > 0.0 and alloc > 0.0:
+            over = alloc + uncached + out_tokens - cap
+            if over > 0.0:
+                t += min(over / alloc, 1.0) * duration
         total = t
         kv = slab[b + F_KV]
         if pw != 0.0 and kv != 0.0:
             total += pw * uncached * kv * invr
+        if congestion != 0.0:
+            total += congestion * uncached * invr
         costs.append(total)
         ttfts.append(t)
         cached.append(c)

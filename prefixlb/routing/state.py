@@ -9,22 +9,27 @@ running sequences that every step must also serve.
   everything up to ``end`` is known done, which corrects the fluid when the replica was faster
   than modelled. Counting tokens, not requests, is what lets one 30K-token prompt weigh as
   much as it costs.
-* **Context in flight**: the prompt tokens of the requests on the replica. Every step attends
-  over them (and pays per sequence), so a replica decoding many long conversations takes
-  longer per step even when its prefill queue is empty.
-* **Time to first token** is predicted as
+* **Running batch**: the requests on the replica and the prompt tokens they hold. Every
+  step decodes one token per running sequence and attends over their context, so a replica
+  decoding many long conversations takes longer per step even when its prefill queue is empty.
+* **Time to first token**, with all work counted in *prefill-token equivalents* of compute:
 
-      ttft = fixed + work / rate + steps * context * c
+      ttft = fixed + (1 / rate) * (work + steps * (running + kappa * context))
 
-  with ``work`` the backlog ahead plus this request's uncached tokens, ``steps`` the prefill
-  steps it spans (``ceil(work / step_tokens)``) and ``context`` the context in flight. The
-  three coefficients are learned online by a :class:`TierModel` from every replica of the
-  tier (replicas of a tier usually share hardware and model): exponentially weighted least
-  squares on centred features, slopes regularised toward the configured priors. Each replica
-  only learns a *speed ratio* to the tier's prediction (shrunk toward 1), so a replica that
-  has served nothing yet predicts exactly like its peers -- a per-replica fit left untried
-  replicas with a stale prior, looking slow for no reason and never chosen -- while a replica
-  that turns out slower than its peers stops attracting work.
+  ``work`` is the backlog ahead plus this request's uncached tokens, ``steps`` the prefill
+  steps it spans (``ceil(work / step_tokens)``); a decoding sequence costs a step about what one
+  prefill token costs (a pass of the weights per token) and attending over one context token
+  about ``kappa`` = 1e-3 of it (KV bytes over memory bandwidth against FLOPs per token: ~38 ns
+  vs ~40 us on an H100 with an 8B model, ~210 ns vs ~200 us on an A10G -- the ratio holds
+  across hardware). One composite feature, two learned coefficients (``fixed`` and ``rate``):
+  a :class:`TierModel` fits them by exponentially weighted least squares from every replica of
+  the tier (replicas of a tier usually share hardware and model), regularised toward the
+  configured priors. A three-coefficient fit (separate slopes for queued prefill and for
+  context) was tried first: under load both grow together, the slopes traded off and swung by
+  10x within a run. Each replica only learns a *speed ratio* to the tier's prediction (shrunk
+  toward the tier's mean ratio and relaxed when unobserved), so a replica that has served
+  nothing yet predicts exactly like its peers, while one that turns out slower than its peers
+  stops attracting work.
 * **Scraped load** (``vllm:num_requests_waiting`` / ``_running``) counts what this balancer did
   not send (other balancers, direct traffic). It is blended in with weight
   ``exp(-age / staleness)``: fresh scrapes count fully, stale ones fade out.
@@ -47,6 +52,8 @@ from .scoring import (
     F_COUNT,
     F_INFLIGHT,
     F_KV,
+    F_KV_ALLOC,
+    F_KV_CAP,
     F_RATIO,
     F_RUNNING,
     F_SCRAPED_AT,
@@ -55,8 +62,7 @@ from .scoring import (
 
 __all__ = ["CostParams", "ReplicaState", "TierModel"]
 
-_W = 1e4  # work feature unit: 10K tokens
-_C = 1e5  # context feature unit: 100K tokens x steps
+_W = 1e4  # feature unit for the regression: 10K token-equivalents
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +71,7 @@ class CostParams:
 
     prefill_tokens_per_s: float = 10_000.0  # prior prefill rate of one replica
     fixed_s: float = 0.010  # prior fixed TTFT: network, tokenization, first step's base
-    ctx_s_per_100k: float = 0.004  # prior step time added per 100K tokens of context in flight
+    context_weight: float = 1e-3  # kappa: prefill-token equivalents per context token per step
     step_tokens: int = 8192  # vLLM max_num_batched_tokens: prefill tokens per step
     staleness_s: float = 2.0  # scraped load weight decays with this time constant
     prior_weight: float = 8.0  # how strongly the priors hold against few observations
@@ -75,89 +81,83 @@ class CostParams:
 
 
 class _Regression:
-    """``y = a + b1 x1 + b2 x2`` by exponentially weighted least squares on centred features,
-    each slope regularised toward a prior mean (weights ``lam1``, ``lam2``), the intercept's
-    mean prediction toward the prior's with weight ``lam_c``."""
+    """``y = a + b x`` by exponentially weighted least squares on the centred feature, the slope
+    regularised toward a prior mean (weight ``lam``), the mean prediction toward the prior's
+    (``lam_c`` pseudo-observations)."""
 
     __slots__ = ("s", "forget", "n")
 
     def __init__(self, forget: float) -> None:
-        self.s = [0.0] * 9  # w, x1, x2, y, x1x1, x2x2, x1x2, x1y, x2y
+        self.s = [0.0] * 5  # w, x, y, xx, xy
         self.forget = forget
         self.n = 0
 
-    def add(self, x1: float, x2: float, y: float) -> None:
+    def add(self, x: float, y: float) -> None:
         g, s = self.forget, self.s
-        for i, v in enumerate((1.0, x1, x2, y, x1 * x1, x2 * x2, x1 * x2, x1 * y, x2 * y)):
-            s[i] = g * s[i] + v
+        s[0] = g * s[0] + 1.0
+        s[1] = g * s[1] + x
+        s[2] = g * s[2] + y
+        s[3] = g * s[3] + x * x
+        s[4] = g * s[4] + x * y
         self.n += 1
 
-    def solve(self, a0: float, b1p: float, b2p: float, lam1: float, lam2: float, lam_c: float
-              ) -> tuple[float, float, float, float, float] | None:
-        """(a, b1, b2, mean x1, mean x2), or None before any observation."""
-        sw, sx1, sx2, sy, s11, s22, s12, s1y, s2y = self.s
+    def solve(self, a0: float, b0: float, lam: float, lam_c: float) -> tuple[float, float, float] | None:
+        """(a, b, mean x), or None before any observation."""
+        sw, sx, sy, sxx, sxy = self.s
         if sw <= 0.0:
             return None
-        m1, m2, my = sx1 / sw, sx2 / sw, sy / sw
-        c12 = s12 - sw * m1 * m2
-        a11 = s11 - sw * m1 * m1 + lam1
-        a22 = s22 - sw * m2 * m2 + lam2
-        r1 = s1y - sw * m1 * my + lam1 * b1p
-        r2 = s2y - sw * m2 * my + lam2 * b2p
-        det = a11 * a22 - c12 * c12
-        if det <= 0.0:
-            return None
-        b1 = (r1 * a22 - c12 * r2) / det
-        b2 = (a11 * r2 - c12 * r1) / det
-        c = (sw * my + lam_c * (a0 + b1p * m1 + b2p * m2)) / (sw + lam_c)
-        return c - b1 * m1 - b2 * m2, b1, b2, m1, m2
+        mx, my = sx / sw, sy / sw
+        b = (sxy - sw * mx * my + lam * b0) / (sxx - sw * mx * mx + lam)
+        c = (sw * my + lam_c * (a0 + b0 * mx)) / (sw + lam_c)
+        return c - b * mx, b, mx
 
 
-def _clamp(p: CostParams, a: float, b1: float, b2: float, m1: float, m2: float) -> tuple[float, float, float]:
-    """Keep coefficients in a sane band around the configured priors (a misconfigured prior is
-    corrected; a burst of outliers cannot make a replica look free or infinitely slow) while
+def _clamp(p: CostParams, a: float, b: float, mx: float) -> tuple[float, float]:
+    """Keep the coefficients in a sane band around the configured priors (a misconfigured prior
+    is corrected; a burst of outliers cannot make a replica look free or infinitely slow) while
     keeping the prediction at the observed operating point, which the data pins down best: an
-    intercept that would go negative is set to 0 by scaling the slopes, not by shifting the
-    line (which biased every prediction upward while a wrong prior still held the slope)."""
-    c = a + b1 * m1 + b2 * m2  # the prediction at the mean observation
-    b1p = _W / p.prefill_tokens_per_s
-    b1 = min(max(b1, 0.02 * b1p), 50 * b1p)
-    b2 = min(max(b2, 0.0), 50 * p.ctx_s_per_100k + 0.05)
-    a = c - b1 * m1 - b2 * m2
+    intercept that would go negative is set to 0 by scaling the slope, not by shifting the line
+    (which biased every prediction upward while a wrong prior still held the slope)."""
+    c = a + b * mx
+    b0 = _W / p.prefill_tokens_per_s
+    b = min(max(b, 0.02 * b0), 50 * b0)
+    a = c - b * mx
     if a < 0.0:
-        slope_part = b1 * m1 + b2 * m2
-        if c > 0.0 and slope_part > 0.0:
-            f = max(c / slope_part, 0.02 * b1p / b1 if b1 > 0 else 0.0)
-            b1, b2 = b1 * f, b2 * f
+        if c > 0.0 and mx > 0.0:
+            b = max(c / mx, 0.02 * b0)
         a = 0.0
-    return min(a, max(5.0, 20 * p.fixed_s)), b1, b2
+    return min(a, max(5.0, 20 * p.fixed_s)), b
 
 
 class TierModel:
     """The TTFT coefficients of a tier, learned from all its replicas' observations."""
 
-    __slots__ = ("params", "fixed", "inv_rate", "ctx_coef", "_reg", "mean_ratio")
+    __slots__ = ("params", "fixed", "inv_rate", "_reg", "mean_ratio", "duration")
 
     def __init__(self, params: CostParams | None = None) -> None:
         self.params = p = params or CostParams()
         self.fixed = p.fixed_s
         self.inv_rate = 1.0 / p.prefill_tokens_per_s
-        self.ctx_coef = p.ctx_s_per_100k
         self._reg = _Regression(p.forget)
         self.mean_ratio = 1.0  # what an observed replica's TTFT is, on average, over predict()
+        self.duration = 0.0  # EW mean seconds from dispatch to the end of a request (0: none seen)
 
-    def observe(self, x1: float, x2: float, y: float) -> None:
+    def observe_duration(self, seconds: float) -> None:
+        if seconds > 0.0:
+            self.duration = seconds if self.duration == 0.0 else self.duration + 0.05 * (seconds - self.duration)
+
+    def observe(self, x: float, y: float) -> None:
+        """One observation: ``x`` token-equivalents of work (see the module doc), ``y`` seconds."""
         p = self.params
-        self._reg.add(x1, x2, y)
-        fit = self._reg.solve(p.fixed_s, _W / p.prefill_tokens_per_s, p.ctx_s_per_100k,
-                              0.0025 * p.prior_weight, 0.01 * p.prior_weight, 0.1 * p.prior_weight)
+        self._reg.add(x / _W, y)
+        fit = self._reg.solve(p.fixed_s, _W / p.prefill_tokens_per_s, 0.0025 * p.prior_weight, 0.1 * p.prior_weight)
         if fit is None:
             return
-        a, b1, b2 = _clamp(p, *fit)
-        self.fixed, self.inv_rate, self.ctx_coef = a, b1 / _W, b2
+        a, b = _clamp(p, *fit)
+        self.fixed, self.inv_rate = a, b / _W
 
-    def predict(self, work: float, steps_ctx: float) -> float:
-        return self.fixed + work * self.inv_rate + steps_ctx * (self.ctx_coef / _C)
+    def predict(self, x: float) -> float:
+        return self.fixed + x * self.inv_rate
 
     @property
     def observations(self) -> int:
@@ -176,6 +176,7 @@ class ReplicaState:
         "_on_availability",
         "inflight",
         "context",
+        "kv_alloc",
         "_backlog",
         "_backlog_t",
         "ratio",
@@ -208,6 +209,7 @@ class ReplicaState:
         self._slab = slab
         self.inflight = 0
         self.context = 0.0  # prompt tokens of the requests in flight
+        self.kv_alloc = 0.0  # KV tokens the requests in flight allocated: uncached prompt + output budget
         self.params = p = params or CostParams()
         self._backlog = 0.0
         self._backlog_t = 0.0
@@ -245,6 +247,8 @@ class ReplicaState:
         s[b + F_AVG_UNC] = self.avg_uncached
         s[b + F_AVG_PROMPT] = self.avg_prompt
         s[b + F_INFLIGHT] = self.inflight
+        s[b + F_KV_ALLOC] = self.kv_alloc
+        s[b + F_KV_CAP] = self.capacity_tokens or 0.0
 
     def rebind(self, slab: array) -> None:
         """Move to another slab (the router grows it when a replica with a larger id joins)."""
@@ -296,18 +300,14 @@ class ReplicaState:
     def fixed_s(self) -> float:
         return self.tier.fixed * self.speed_ratio
 
-    @property
-    def ctx_s_per_100k(self) -> float:
-        return self.tier.ctx_coef * self.speed_ratio
-
-    def loads(self, now: float) -> tuple[float, float]:
-        """(prefill tokens queued ahead of a request dispatched now, context tokens in flight),
-        own accounting plus whatever a fresh scrape shows beyond it."""
+    def loads(self, now: float) -> tuple[float, float, float]:
+        """(prefill tokens queued ahead of a request dispatched now, sequences running, context
+        tokens they hold): own accounting plus whatever a fresh scrape shows beyond it."""
         dt = now - self._backlog_t
         own = self._backlog - dt / self._inv_rate if dt > 0.0 else self._backlog
         if own < 0.0:
             own = 0.0
-        ctx = self.context
+        n, ctx = float(self.inflight), self.context
         if now - self.scraped_at <= 8 * self.params.staleness_s:
             w = self._freshness(now)
             extra_wait = self.scraped_waiting - min(self.inflight, own / self.avg_uncached)
@@ -315,20 +315,21 @@ class ReplicaState:
                 own += w * extra_wait * self.avg_uncached
             extra_seqs = self.scraped_running + self.scraped_waiting - self.inflight
             if extra_seqs > 0.0:
+                n += w * extra_seqs
                 ctx += w * extra_seqs * self.avg_prompt
-        return own, ctx
+        return own, n, ctx
 
     def backlog(self, now: float) -> float:
         return self.loads(now)[0]
 
-    def features(self, uncached_tokens: float, now: float) -> tuple[float, float]:
-        """(work, steps x context) for a request with this many uncached tokens, in tokens."""
-        own, ctx = self.loads(now)
+    def feature(self, uncached_tokens: float, now: float) -> float:
+        """Token-equivalents of work before this request's first token (see the module doc)."""
+        own, n, ctx = self.loads(now)
         work = own + uncached_tokens
         steps = math.ceil(work / self.params.step_tokens) if work > 0.0 else 1.0
-        return work, steps * ctx
+        return work + steps * (n + self.params.context_weight * ctx)
 
-    def predict_ttft(self, uncached_tokens: float, now: float) -> float:
+    def predict_ttft(self, uncached_tokens: float, now: float, out_tokens: float = 0.0) -> float:
         """Predicted seconds to first token for a request with this many uncached tokens.
 
         The hot path of every decision (once per candidate replica); kept to plain arithmetic.
@@ -340,17 +341,27 @@ class ReplicaState:
         own = self._backlog - dt / inv if dt > 0.0 else self._backlog
         if own < 0.0:
             own = 0.0
-        ctx = self.context
+        n, ctx = float(self.inflight), self.context
         if now - self.scraped_at <= 8 * self.params.staleness_s:
-            own, ctx = self.loads(now)
+            own, n, ctx = self.loads(now)
         work = own + uncached_tokens
         steps = math.ceil(work / self.params.step_tokens) if work > 0.0 else 1.0
-        return ratio * (t.fixed + work * t.inv_rate + steps * ctx * (t.ctx_coef / _C))
+        ttft = ratio * (t.fixed + t.inv_rate * (work + steps * (n + self.params.context_weight * ctx)))
+        return ttft + self.memory_wait(uncached_tokens + out_tokens)
+
+    def memory_wait(self, need_tokens: float) -> float:
+        """Seconds until ``need_tokens`` of KV fit beside what the requests in flight hold: the
+        share of them that must finish first, times the tier's mean request duration."""
+        cap, alloc = self.capacity_tokens or 0.0, self.kv_alloc
+        if cap <= 0.0 or alloc <= 0.0:
+            return 0.0
+        over = alloc + need_tokens - cap
+        return min(over / alloc, 1.0) * self.tier.duration if over > 0.0 else 0.0
 
     def load(self, now: float) -> float:
         """Seconds of queued work, cache-blind (the least-loaded baseline's measure)."""
-        own, ctx = self.loads(now)
-        return self.speed_ratio * (own * self.tier.inv_rate + ctx * (self.tier.ctx_coef / _C))
+        own, n, ctx = self.loads(now)
+        return self.speed_ratio * self.tier.inv_rate * (own + n + self.params.context_weight * ctx)
 
     def _freshness(self, now: float) -> float:
         age = now - self.scraped_at
@@ -364,13 +375,14 @@ class ReplicaState:
 
     # -- writing (called through the router's hooks) -----------------------------------------
 
-    def on_dispatch(self, uncached_tokens: float, prompt_tokens: float, now: float) -> float:
+    def on_dispatch(self, uncached_tokens: float, prompt_tokens: float, now: float, kv_tokens: float = 0.0) -> float:
         """Queue a request's prefill; returns its end position in the backlog (tokens)."""
         own = self._backlog - self._drained(now)
         self._backlog = (own if own > 0.0 else 0.0) + uncached_tokens
         self._backlog_t = now
         self.inflight += 1
         self.context += prompt_tokens
+        self.kv_alloc += kv_tokens
         self.avg_uncached += 0.05 * (max(uncached_tokens, 1.0) - self.avg_uncached)
         self.avg_prompt += 0.05 * (max(prompt_tokens, 1.0) - self.avg_prompt)
         self._sync()
@@ -388,30 +400,30 @@ class ReplicaState:
         self._backlog_t = now
         self._sync()
 
-    def on_finish(self, prompt_tokens: float) -> None:
+    def on_finish(self, prompt_tokens: float, kv_tokens: float = 0.0) -> None:
         self.inflight = max(0, self.inflight - 1)
         self.context = max(0.0, self.context - prompt_tokens) if self.inflight else 0.0
+        self.kv_alloc = max(0.0, self.kv_alloc - kv_tokens) if self.inflight else 0.0
         self._sync()
 
-    def on_cancel(self, uncached_tokens: float, prompt_tokens: float, now: float) -> None:
+    def on_cancel(self, uncached_tokens: float, prompt_tokens: float, now: float, kv_tokens: float = 0.0) -> None:
         """A dispatched request never reached the replica: take its work back."""
         own = self._backlog - self._drained(now)
         self._backlog = max(0.0, own - uncached_tokens)
         self._backlog_t = now
-        self.on_finish(prompt_tokens)
+        self.on_finish(prompt_tokens, kv_tokens)
 
-    def observe_ttft(self, work_tokens: float, steps_ctx_tokens: float, ttft_s: float,
-                     now: float | None = None) -> None:
+    def observe_ttft(self, x: float, ttft_s: float, now: float | None = None) -> None:
         """Learn from one observed TTFT: the tier's coefficients, and this replica's ratio to them.
 
         The ratio is an exponentially weighted ratio of sums (observed / predicted), with
         ``prior_weight`` pseudo-observations at 1, so a few slow answers move it, noise does not.
         """
-        if not (ttft_s > 0.0 and work_tokens >= 0.0 and steps_ctx_tokens >= 0.0) or ttft_s > 600.0:
+        if not (ttft_s > 0.0 and x >= 0.0) or ttft_s > 600.0:
             return
         t = self.tier
-        t.observe(work_tokens / _W, steps_ctx_tokens / _C, ttft_s)
-        pred = t.predict(work_tokens, steps_ctx_tokens)
+        t.observe(x, ttft_s)
+        pred = t.predict(x)
         if pred <= 0.0:
             return
         g = self.params.forget
@@ -455,6 +467,5 @@ class ReplicaState:
     def __repr__(self) -> str:
         return (
             f"ReplicaState(id={self.id}, url={self.url!r}, available={self.available}, inflight={self.inflight}, "
-            f"rate={self.prefill_rate:.0f} tok/s, fixed={self.fixed_s * 1e3:.1f} ms, "
-            f"ctx={self.ctx_s_per_100k * 1e3:.2f} ms/100K tok/step, ratio={self.speed_ratio:.2f})"
+            f"rate={self.prefill_rate:.0f} tok/s, fixed={self.fixed_s * 1e3:.1f} ms, ratio={self.speed_ratio:.2f})"
         )

@@ -90,7 +90,7 @@ class Balancer:
         for i, t in enumerate(config.tiers):
             c = t.cost
             params = CostParams(prefill_tokens_per_s=c.prefill_tokens_per_s, fixed_s=c.fixed_ms / 1e3,
-                                ctx_s_per_100k=c.ctx_ms_per_100k_tokens / 1e3, step_tokens=c.step_tokens)
+                                context_weight=c.context_weight, step_tokens=c.step_tokens)
             policy_kw = {"pressure_weight": config.pressure_weight} if config.policy == "cache_aware" else {}
             rng = random.Random(config.seed + i)
             router = TierRouter(t.name, policy=make_policy(config.policy, rng, **policy_kw), params=params,
@@ -318,6 +318,8 @@ class Balancer:
                        started: float) -> None:
         router = tier.router
         cfg = self.config
+        mt = body.get("max_tokens", body.get("max_completion_tokens"))
+        out_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else None
         headers = [(k, v) for k, v in req.headers if k in _FORWARD]
         if req.header(b"x-request-id") is None:
             headers.append((b"x-request-id", os.urandom(12).hex().encode()))
@@ -328,7 +330,7 @@ class Balancer:
         while attempts < cfg.max_attempts:
             now = self.clock()
             try:
-                d = router.decide(key, now, exclude=tried)
+                d = router.decide(key, now, exclude=tried, max_tokens=out_tokens)
             except NoReplicaAvailable as exc:
                 if last is not None:
                     raise last from None

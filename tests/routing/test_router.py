@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from prefixlb.routing import CostParams, NoReplicaAvailable, TierRouter, prompt_key
 
-PARAMS = CostParams(prefill_tokens_per_s=10_000, fixed_s=0.01, ctx_s_per_100k=0.004)
+PARAMS = CostParams(prefill_tokens_per_s=10_000, fixed_s=0.01)
 
 
 def router(n=4, policy="cache_aware", **kw):
@@ -145,19 +145,23 @@ def test_retry_excludes_the_replicas_already_tried():
 
 
 def test_prefill_rate_is_learned_from_observed_ttfts():
+    """A replica 4x slower than the prior, with 20 ms fixed cost, running batches of varying
+    context: the model learns its rate and predicts its TTFT where it has seen traffic."""
     t = router(1)
     r = t.replicas[0]
     assert r.prefill_rate == pytest.approx(10_000)
-    for i in range(80):  # really 4x slower than the prior, 20 ms fixed, 30 ms per 100K ctx-steps
-        work = 1000 + 500 * (i % 7)
-        ctx = 20_000 * (i % 5)
-        r.observe_ttft(work, ctx, 0.02 + work / 2500 + 0.03 * ctx / 1e5)
-    assert 2200 < r.prefill_rate < 2900 and 0.02 < r.ctx_s_per_100k < 0.04
-    for work, ctx in [(1000, 0), (2500, 40_000), (4000, 80_000)]:  # where there were observations
-        truth = 0.02 + work / 2500 + 0.03 * ctx / 1e5
-        r._backlog = 0.0
-        r.context = ctx / max(1, -(-work // PARAMS.step_tokens))
-        assert r.predict_ttft(work, 0.0) == pytest.approx(truth, rel=0.1)
+    kappa = PARAMS.context_weight
+
+    def truth(work, running, ctx):
+        return 0.02 + (work + running + kappa * ctx) / 2500
+
+    for i in range(120):
+        work, running, ctx = 1000 + 500 * (i % 7), i % 4, 20_000 * (i % 5)
+        r.observe_ttft(work + running + kappa * ctx, truth(work, running, ctx))
+    assert 2200 < r.prefill_rate < 2900 and 0.005 < r.fixed_s < 0.04  # intercept: an extrapolation
+    for work, running, ctx in [(1000, 0, 0), (2500, 2, 40_000), (4000, 3, 80_000)]:
+        r._backlog, r.inflight, r.context = 0.0, running, ctx
+        assert r.predict_ttft(work, 0.0) == pytest.approx(truth(work, running, ctx), rel=0.1)
 
 
 def test_what_one_replica_learns_its_untried_peers_share():
@@ -165,7 +169,7 @@ def test_what_one_replica_learns_its_untried_peers_share():
     t = router(3)
     for i in range(40):
         work = 2000 + 300 * (i % 5)
-        t.replicas[0].observe_ttft(work, 0.0, 0.005 + work / 80_000)  # 8x faster than the prior
+        t.replicas[0].observe_ttft(work, 0.005 + work / 80_000)  # 8x faster than the prior
     fresh, seen = t.replicas[2], t.replicas[0]
     assert fresh.observations == 0 and fresh.prefill_rate == pytest.approx(seen.prefill_rate, rel=0.2)
     assert fresh.predict_ttft(4000, 0.0) == pytest.approx(seen.predict_ttft(4000, 0.0), rel=0.2)
@@ -176,8 +180,8 @@ def test_a_replica_slower_than_its_peers_learns_a_higher_ratio():
     for i in range(60):
         work = 1000 + 400 * (i % 6)
         base = 0.01 + work / 10_000
-        t.replicas[0].observe_ttft(work, 0.0, base)
-        t.replicas[1].observe_ttft(work, 0.0, 2 * base)
+        t.replicas[0].observe_ttft(work, base)
+        t.replicas[1].observe_ttft(work, 2 * base)
     assert t.replicas[1].ratio > 1.4 * t.replicas[0].ratio
 
 

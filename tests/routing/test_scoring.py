@@ -25,6 +25,8 @@ row = st.tuples(
     st.floats(0, 200), st.floats(0, 200), st.floats(0, 1),  # waiting, running, kv
     st.floats(1, 1e5), st.floats(1, 1e5),  # avg uncached, avg prompt
     st.integers(0, 500),  # inflight
+    st.floats(0, 2e5),  # KV allocated by requests in flight
+    st.one_of(st.just(0.0), st.floats(1e3, 2e5)),  # KV capacity (0: unknown)
 )
 
 
@@ -34,19 +36,23 @@ row = st.tuples(
     P=st.floats(1, 200_000),
     tpb=st.floats(1, 64),
     now=st.floats(0, 120),
-    coefs=st.tuples(st.floats(0, 1), st.floats(1e-7, 1e-3), st.floats(0, 1e-6), st.floats(0.25, 4)),
+    coefs=st.tuples(st.floats(0, 1), st.floats(1e-7, 1e-3), st.floats(0, 1e-2), st.floats(0.25, 4)),
     step=st.floats(16, 16384),
     pw=st.floats(0, 2),
     tie=st.floats(0, 0.1),
     u=st.floats(0, 0.999999),
+    out=st.floats(0, 4096),
+    duration=st.floats(0, 30),
+    congestion=st.floats(0, 19),
 )
-def test_native_score_equals_the_python_twin(rows, matched, P, tpb, now, coefs, step, pw, tie, u):
+def test_native_score_equals_the_python_twin(rows, matched, P, tpb, now, coefs, step, pw, tie, u, out, duration,
+                                             congestion):
     slab = array("d")
     for r in rows:
         slab.extend((0.0, *map(float, r)))
     ids = array("I", range(len(rows)))
     matches = {k: v for k, v in matched.items() if k < len(rows)}
-    args = (P, tpb, now, *coefs, step, 2.0, pw, tie, u)
+    args = (P, tpb, now, *coefs, step, 2.0, pw, tie, u, out, duration, congestion)
     a = native.score(slab, ids, matches, *args)
     b = score_py(slab, ids, matches, *args)
     assert a[0] == b[0]
@@ -66,18 +72,18 @@ def test_the_scorer_predicts_what_the_replica_model_predicts(backlog, ctx, infli
         r.observe_scrape(waiting, running, 0.0, 1.5)
     r._sync()
     _, _, ttft, _ = native.score(slab, array("I", [0]), {}, uncached, 16.0, 2.0, tier.fixed, tier.inv_rate,
-                                 tier.ctx_coef * 1e-5, tier.mean_ratio, float(tier.params.step_tokens),
-                                 tier.params.staleness_s, 0.0, 0.0, 0.0)
+                                 tier.params.context_weight, tier.mean_ratio, float(tier.params.step_tokens),
+                                 tier.params.staleness_s, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0)
     assert ttft == pytest.approx(r.predict_ttft(uncached, 2.0), rel=1e-9)
 
 
 def test_bad_inputs_are_refused():
     slab = array("d", [0.0] * F_COUNT)
     with pytest.raises(ValueError):
-        native.score(slab, array("I"), {}, *([1.0] * 12))
+        native.score(slab, array("I"), {}, *([1.0] * 15))
     with pytest.raises(IndexError):
-        native.score(slab, array("I", [5]), {}, *([1.0] * 12))
+        native.score(slab, array("I", [5]), {}, *([1.0] * 15))
     with pytest.raises(TypeError):
-        native.score(array("f", [0.0] * F_COUNT), array("I", [0]), {}, *([1.0] * 12))
+        native.score(array("f", [0.0] * F_COUNT), array("I", [0]), {}, *([1.0] * 15))
     with pytest.raises(TypeError):
         native.score(slab, array("I", [0]), {}, 1.0)
