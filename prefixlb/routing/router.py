@@ -178,13 +178,6 @@ class TierRouter:
         t0 = time.perf_counter()
         now = self.clock() if now is None else now
         self._decisions += 1
-        if not self._decisions & 63:
-            per = self.index.stats()["per_replica"]
-            for r in self._ordered:
-                r.relax(now)
-                row = per.get(r.id)
-                if row:
-                    r.observe_fullness(row["blocks"] / row["capacity"])
         chain, matches = self.index.lookup(key.data, self.block_bytes, key.seed)
         candidates, ids = self.available(exclude)
         if not candidates:
@@ -220,6 +213,18 @@ class TierRouter:
             decided_at=now,
             decision_s=time.perf_counter() - t0,
         )
+
+    def maintain(self, now: float | None = None) -> None:
+        """Periodic upkeep, off the request path (the server's tick, the simulator's clock):
+        each replica's cache fullness from the index, and the drift of unobserved speed ratios
+        back toward the tier's."""
+        now = self.clock() if now is None else now
+        per = self.index.stats()["per_replica"]
+        for r in self._ordered:
+            r.relax(now)
+            row = per.get(r.id)
+            if row:
+                r.observe_fullness(row["blocks"] / row["capacity"])
 
     def utilisation(self, now: float) -> float:
         """The tier's prefill utilisation: uncached tokens dispatched per second (exponentially

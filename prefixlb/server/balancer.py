@@ -144,11 +144,15 @@ class Balancer:
             r.models |= models
 
     async def _tick(self) -> None:
-        # open -> half-open breakers become routable with time, not with an event
+        # open -> half-open breakers become routable with time, not with an event; the routers'
+        # upkeep (cache fullness, ratio drift) runs here rather than on the request path
         while True:
             await asyncio.sleep(0.25)
             for r in self.replicas.values():
                 self._sync(r)
+            now = self.clock()
+            for tier in self.tiers.values():
+                tier.router.maintain(now)
 
     # -- replica set ------------------------------------------------------------------------------
 

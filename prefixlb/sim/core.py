@@ -29,7 +29,7 @@ from prefixlb.routing.router import Decision
 
 __all__ = ["SimConfig", "SimResult", "Simulation", "simulate"]
 
-_ARRIVE, _STEP, _SCRAPE = 0, 1, 2
+_ARRIVE, _STEP, _SCRAPE, _MAINTAIN = 0, 1, 2, 3
 
 
 @dataclass
@@ -44,6 +44,7 @@ class SimConfig:
     scrape_interval: float = 1.0  # 0: the balancer never sees the replicas' /metrics
     network_s: float = 0.0003  # one way, balancer <-> replica
     index_capacity_tokens: int | None = None  # what the router's index may hold per replica (None: KV size)
+    maintain_interval: float = 0.25  # the balancer's upkeep tick (TierRouter.maintain)
     seed: int = 0
 
 
@@ -123,6 +124,7 @@ class Simulation:
             self._at(spec.at, _ARRIVE, i)
         self._arrivals_left = len(self.specs)
         c = self.cfg
+        self._at(c.maintain_interval, _MAINTAIN, None)
         if c.scrape_interval > 0:
             for r in range(c.replicas):  # staggered, as independent scrapers would be
                 self._at(c.scrape_interval * (r + 1) / c.replicas, _SCRAPE, r)
@@ -138,6 +140,10 @@ class Simulation:
                     done = 0
             elif kind == _ARRIVE:
                 self._arrive(payload)
+            elif kind == _MAINTAIN:
+                self.router.maintain(t)
+                if self._inflight or self._arrivals_left:
+                    self._at(t + c.maintain_interval, _MAINTAIN, None)
             elif kind == _SCRAPE:
                 self._scrape(payload)
                 if self._inflight or self._arrivals_left:  # stop once no work can come
