@@ -87,29 +87,28 @@ def _chat_key(body: Mapping[str, Any]) -> tuple[bytes, int]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise PromptError("'messages' must be a non-empty list")
-    out = bytearray()
+    out: list[bytes] = []  # joined once at the end: one copy of the prompt, not one per message
     tools = body.get("tools")
     if tools:
-        out += b"tools" + _SEP + orjson.dumps(tools, option=orjson.OPT_SORT_KEYS) + _MSG
+        out += (b"tools", _SEP, orjson.dumps(tools, option=orjson.OPT_SORT_KEYS), _MSG)
     text = 0
     for i, m in enumerate(messages):
-        where = f"messages[{i}]"
         if not isinstance(m, Mapping):
-            raise PromptError(f"{where} must be an object")
+            raise PromptError(f"messages[{i}] must be an object")
         role = m.get("role")
         if not isinstance(role, str):
-            raise PromptError(f"{where}.role must be a string")
-        content = _content_bytes(m.get("content"), where)
+            raise PromptError(f"messages[{i}].role must be a string")
+        content = _content_bytes(m.get("content"), f"messages[{i}]")
         text += len(content)
-        out += _MSG + role.encode() + _SEP + content
+        out += (_MSG, role.encode(), _SEP, content)
         for extra in ("name", "tool_call_id"):
             v = m.get(extra)
             if isinstance(v, str):
-                out += _SEP + extra.encode() + b"=" + v.encode()
+                out += (_SEP, extra.encode(), b"=", v.encode())
         calls = m.get("tool_calls")
         if calls:
-            out += _SEP + orjson.dumps(calls, option=orjson.OPT_SORT_KEYS)
-    return bytes(out), text
+            out += (_SEP, orjson.dumps(calls, option=orjson.OPT_SORT_KEYS))
+    return b"".join(out), text
 
 
 def _ids_bytes(ids: Sequence[Any], where: str) -> bytes:

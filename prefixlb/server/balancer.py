@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import itertools
 import logging
 import os
 import random
@@ -52,6 +53,10 @@ __all__ = ["Balancer"]
 log = logging.getLogger("prefixlb.server")
 
 _JSON = (b"content-type", b"application/json")
+# request ids for upstream calls that came without one: a per-process random prefix and a counter
+# (unique, and no syscall per request as os.urandom would cost)
+_RID_PREFIX = os.urandom(6).hex()
+_rid_counter = itertools.count(1)
 _FORWARD = frozenset({b"authorization", b"x-request-id", b"traceparent", b"tracestate", b"accept",
                       b"x-vllm-priority", b"x-session-id", b"x-data-parallel-rank"})
 _COMPLETIONS = {"/v1/chat/completions": True, "/v1/completions": False}
@@ -326,7 +331,7 @@ class Balancer:
         out_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else None
         headers = [(k, v) for k, v in req.headers if k in _FORWARD]
         if req.header(b"x-request-id") is None:
-            headers.append((b"x-request-id", os.urandom(12).hex().encode()))
+            headers.append((b"x-request-id", f"plb-{_RID_PREFIX}-{next(_rid_counter):x}".encode()))
         headers.append(_JSON)
         tried: list[int] = []
         last: errors.PrefixlbError | None = None
