@@ -31,6 +31,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,12 @@ class Fleet:
     kv_capacity_tokens: int | None = None  # per replica
     max_model_len: int = 16_384
     urls: list[str] = field(default_factory=list)  # real replicas instead of an emulated fleet
+    # real replicas started fresh (cold) for each target: returns their URLs and a stop function
+    factory: Callable[[], tuple[list[str], Callable[[], None]]] | None = None
+
+    @property
+    def real(self) -> bool:
+        return bool(self.urls) or self.factory is not None
 
 
 def make_workload(name: str, *, seed: int, scale: float, model: str, trace: str | None = None) -> list[RequestSpec]:
@@ -146,7 +153,10 @@ async def emulator_health(urls: list[str]) -> dict:
 
 async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -> dict:
     proc = None
-    if fleet.urls:
+    stop_real = None
+    if fleet.factory is not None:
+        urls, stop_real = fleet.factory()
+    elif fleet.urls:
         urls = fleet.urls
     else:
         proc = start_fleet_process(fleet.replicas, base_port=0, profile=fleet.profile, time_scale=fleet.time_scale,
@@ -173,12 +183,26 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
     finally:
         if proc is not None:
             proc.stop()
+        if stop_real is not None:
+            stop_real()
     out = _summarize(name, outs, wall, fleet.time_scale, before, after, urls)
     out.update(health)
     if health.get("emulator_rebases") or (health.get("emulator_late_step_share") or 0) > 0.05:
         print(f"prefixlb bench: WARNING: the emulated fleet fell behind its time scale during {name} "
               f"({health}); its timings are stretched -- lower --time-scale", file=sys.stderr)
     return out
+
+
+def _run_all(names: list[str], specs: list[RequestSpec], fleet: Fleet, args) -> list[dict]:
+    """Every target, one after another, each on a fresh cold fleet."""
+    results = []
+    for name in names:
+        try:
+            results.append(asyncio.run(_run_target(name, specs, fleet, args)))
+        except RuntimeError as exc:
+            print(f"prefixlb bench: skipping {name}: {exc}", file=sys.stderr)
+            results.append({"name": name, "skipped": str(exc)})
+    return results
 
 
 def _summarize(name, outs, wall, scale, before, after, urls) -> dict:
@@ -256,27 +280,50 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--keep-alive", action="store_true",
                     help="reuse client connections (default: a fresh connection per request; see the module doc)")
+    ap.add_argument("--tokenizer", default=None, metavar="DIR",
+                    help="Hugging Face tokenizer directory for token counts and the bounds (real replicas' model); "
+                         "default: the emulator's byte tokenizer")
+    ap.add_argument("--block-size", type=int, default=None,
+                    help="KV block size for the bounds (default: the profile's; real vLLM on CPU uses 32)")
+    ap.add_argument("--replica-kv-tokens", type=int, default=None, metavar="N",
+                    help="KV capacity per real replica (--replica), in tokens, for the pooled-cache bound")
+    ap.add_argument("--loads", default=None, metavar="L1,L2,...",
+                    help="also run every target at these offered loads and plot hit rate and TTFT p99 against load")
     ap.add_argument("--json", type=Path, default=None, help="write the result object here")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for JSON, Markdown and plots")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--name", default=None, help="results file stem (default bench_<workload>[_quick])")
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, fleet_factory: Callable[[], tuple[list[str], Callable[[], None]]] | None = None,
+        specs: list[RequestSpec] | None = None) -> dict:
+    """Run the benchmark ``args`` describe. ``fleet_factory`` (with ``args.replicas``) starts real
+    replicas afresh for each target instead of reusing ``--replica`` URLs whose caches are warm;
+    ``specs`` replaces the named workload (its arrival times are rescaled to ``args.load``)."""
     scale = args.scale if args.scale is not None else (0.35 if args.quick else 1.0)
     profile = get_profile(args.profile)
     model = args.model or profile.model
-    specs = make_workload(args.workload, seed=args.seed, scale=scale, model=model, trace=args.trace)
-    tok = load_tokenizer(None)
+    if specs is None:
+        specs = make_workload(args.workload, seed=args.seed, scale=scale, model=model, trace=args.trace)
+    tok = load_tokenizer(args.tokenizer)
     mean_prompt = sum(len(request_prompt_ids(tok, r.body, r.chat)) for r in specs[:200]) / min(len(specs), 200)
-    ws = shared_working_set(specs)
+    ws = shared_working_set(specs)  # in the byte tokenizer's tokens (the workloads' unit)
+    if args.tokenizer:  # the same working set counted in the given tokenizer's tokens
+        base = load_tokenizer(None)
+        n = min(len(specs), 200)
+        ws = int(ws * mean_prompt / (sum(len(request_prompt_ids(base, r.body, r.chat)) for r in specs[:n]) / n))
     kv = None
-    if args.pressure and ws and not args.replica:
+    real = bool(args.replica) or fleet_factory is not None
+    if args.pressure and ws and not real:
         kv = max(int(args.pressure * ws / args.replicas), args.__dict__.get("min_kv", 0), 20_000)
+    elif real and args.replica_kv_tokens:
+        kv = args.replica_kv_tokens
     fleet = Fleet(replicas=args.replicas if not args.replica else len(args.replica), profile=args.profile,
-                  time_scale=args.time_scale if not args.replica else 1.0, kv_capacity_tokens=kv,
-                  max_model_len=min(16_384, kv or 16_384), urls=list(args.replica))
+                  time_scale=args.time_scale if not real else 1.0, kv_capacity_tokens=kv,
+                  max_model_len=min(16_384, kv - 256 if kv else 16_384), urls=list(args.replica), factory=fleet_factory)
     bounds: Bounds = compute_bounds(specs, profile=args.profile, replicas=fleet.replicas, kv_capacity_tokens=kv,
-                                    max_model_len=fleet.max_model_len)
+                                    max_model_len=fleet.max_model_len, block_size=args.block_size,
+                                    tokenizer=args.tokenizer)
     cap = prefill_capacity(args.profile, int(mean_prompt), fleet.max_model_len)
     if args.workload != "trace":
         specs = retime(specs, args.load * fleet.replicas * cap / mean_prompt)
@@ -285,15 +332,21 @@ def run(args: argparse.Namespace) -> dict:
           f"shared working set {ws:,} tokens) at {rate:.2f} req/s: prompt tokens at {args.load:.0%} of the fleet's "
           f"prefill throughput ({fleet.replicas} x {cap:,.0f} tokens/s, {args.profile}); KV per replica "
           f"{kv if kv else 'profile default'} tokens", file=sys.stderr)
-    results = []
-    for name in [t.strip() for t in args.targets.split(",") if t.strip()]:
+    names = [t.strip() for t in args.targets.split(",") if t.strip()]
+    for name in names:
         if name not in ALL_TARGETS:
             raise SystemExit(f"prefixlb bench: unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
-        try:
-            results.append(asyncio.run(_run_target(name, specs, fleet, args)))
-        except RuntimeError as exc:
-            print(f"prefixlb bench: skipping {name}: {exc}", file=sys.stderr)
-            results.append({"name": name, "skipped": str(exc)})
+    results = _run_all(names, specs, fleet, args)
+    sweep = []
+    if args.loads and args.workload != "trace":
+        per_token = rate / args.load  # requests/s at load 1.0
+        for load in sorted({float(x) for x in args.loads.split(",") if x.strip()}):
+            if math.isclose(load, args.load):
+                rows = results
+            else:
+                print(f"prefixlb bench: load {load:.0%}", file=sys.stderr)
+                rows = _run_all(names, retime(specs, load * per_token), fleet, args)
+            sweep += [{"load": load, **{k: v for k, v in r.items() if k != "ttfts_ms"}} for r in rows]
     report = {
         "workload": args.workload,
         "oracle_hit_rate": round(bounds.pooled_hit_rate, 4),
@@ -306,8 +359,9 @@ def run(args: argparse.Namespace) -> dict:
             "shared_working_set_tokens": ws, "kv_capacity_tokens_per_replica": kv,
             "fleet_kv_over_working_set": round(kv * fleet.replicas / ws, 2) if kv and ws else None,
             "replicas": fleet.replicas, "profile": args.profile, "time_scale": fleet.time_scale,
-            "real_replicas": bool(args.replica), "seed": args.seed, "keep_alive": args.keep_alive,
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(["prefixlb", "bench"] + sys.argv[1:]),
+            "real_replicas": real, "seed": args.seed, "keep_alive": args.keep_alive,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": getattr(args, "command_line", None)
+            or " ".join(["prefixlb", "bench"] + [a for a in sys.argv[1:2] if a != "bench"] + sys.argv[2:]),
         },
     }
     for t in report["targets"]:
@@ -315,6 +369,11 @@ def run(args: argparse.Namespace) -> dict:
             t["ttft_p90_over_floor_ms"] = round(t["ttft_p90_ms"] - bounds.ttft_floor_ms["p90"], 1)
             t["ttft_p99_over_floor_ms"] = round(t["ttft_p99_ms"] - bounds.ttft_floor_ms["p99"], 1)
             t["hit_rate_of_oracle"] = round(t["hit_rate"] / bounds.pooled_hit_rate, 3) if bounds.pooled_hit_rate else None
+    if sweep:
+        for t in sweep:
+            if "skipped" not in t:
+                t["ttft_p99_over_floor_ms"] = round(t["ttft_p99_ms"] - bounds.ttft_floor_ms["p99"], 1)
+        report["sweep"] = sweep
     report["checks"] = _checks(report)
     _write(report, results, bounds, args)
     return report
@@ -352,7 +411,8 @@ def to_markdown(report: dict) -> str:
              f"`{s['command']}` — {s['date']}. Shared working set {s['shared_working_set_tokens']:,} tokens; fleet KV "
              f"{s['fleet_kv_over_working_set'] or 'n/a'}x of it. Bounds: pooled-cache hit rate "
              f"**{report['oracle_hit_rate']:.1%}**, TTFT floor p50/p90/p99 **{report['ttft_floor_ms']['p50']:.0f} / "
-             f"{report['ttft_floor_ms']['p90']:.0f} / {report['ttft_floor_ms']['p99']:.0f} ms** (emulated).",
+             f"{report['ttft_floor_ms']['p90']:.0f} / {report['ttft_floor_ms']['p99']:.0f} ms** ("
+             f"{'modelled from the profile' if s['real_replicas'] else 'emulated'}).",
              "",
              "| target | hit rate | of pooled | TTFT p50 ms | p90 | p99 | p90 over floor | p99 over floor | req/s | "
              "errors | busiest replica | emulator late steps |",
@@ -368,12 +428,23 @@ def to_markdown(report: dict) -> str:
                      f"{'n/a' if t.get('emulator_late_step_share') is None else format(t['emulator_late_step_share'], '.1%')} |")
     if report["checks"]:
         lines += [""] + [f"- {'✅' if c['ok'] else '❌'} {c['check']}: {c['value']}" for c in report["checks"]]
+    if report.get("sweep"):
+        lines += ["", "Against offered load (hit rate / TTFT p99 ms):", "",
+                  "| target | " + " | ".join(f"{x:.0%}" for x in sorted({t['load'] for t in report['sweep']})) + " |",
+                  "|---|" + "---|" * len({t['load'] for t in report['sweep']})]
+        loads = sorted({t["load"] for t in report["sweep"]})
+        for name in dict.fromkeys(t["name"] for t in report["sweep"]):
+            cells = []
+            for x in loads:
+                t = next((t for t in report["sweep"] if t["name"] == name and t["load"] == x), None)
+                cells.append("–" if t is None or "skipped" in t else f"{t['hit_rate']:.1%} / {t['ttft_p99_ms']:.0f}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def _write(report: dict, results: list[dict], bounds: Bounds, args) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"bench_{report['workload']}" + ("_quick" if args.quick else "")
+    stem = args.name or f"bench_{report['workload']}" + ("_quick" if args.quick else "")
     (args.out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / f"{stem}.md").write_text(to_markdown(report))
     if args.json:
@@ -382,6 +453,8 @@ def _write(report: dict, results: list[dict], bounds: Bounds, args) -> None:
     if not args.no_plots:
         try:
             _plot(results, bounds, args.out / f"{stem}_ttft_cdf.png", report)
+            if report.get("sweep"):
+                _plot_sweep(report, args.out / f"{stem}_vs_load.png")
         except ImportError:
             print("prefixlb bench: matplotlib not installed; no plots (pip install 'prefixlb[bench]')", file=sys.stderr)
     print(to_markdown(report))
@@ -407,6 +480,35 @@ def _plot(results: list[dict], bounds: Bounds, path: Path, report: dict) -> None
                  f"{report['setup']['load']:.0%} load)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_sweep(report: dict, path: Path) -> None:
+    """Hit rate and TTFT p99 against offered load, one line per target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5))
+    rows = [t for t in report["sweep"] if "skipped" not in t]
+    for name in dict.fromkeys(t["name"] for t in rows):
+        pts = sorted((t["load"], t["hit_rate"], t["ttft_p99_ms"]) for t in rows if t["name"] == name)
+        a.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=name)
+        b.plot([p[0] for p in pts], [p[2] for p in pts], marker="o", label=name)
+    a.axhline(report["oracle_hit_rate"], color="k", ls="--", lw=1, label="pooled cache (upper bound)")
+    b.axhline(report["ttft_floor_ms"]["p99"], color="k", ls="--", lw=1, label="floor p99 (lower bound)")
+    a.set_xlabel("offered load (prompt tokens / fleet prefill throughput)")
+    b.set_xlabel("offered load (prompt tokens / fleet prefill throughput)")
+    a.set_ylabel("prefix-cache hit rate (replica counters)")
+    b.set_ylabel("TTFT p99 (emulated ms, log scale)")
+    b.set_yscale("log")
+    for ax in (a, b):
+        ax.grid(True, which="both", alpha=0.3)
+    a.legend(fontsize=8)
+    fig.suptitle(f"{report['workload']}: {report['setup']['requests']} requests, {report['setup']['replicas']} replicas")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -1,0 +1,67 @@
+"""The benchmark runner end to end at a tiny scale: emulated fleet, real balancer, real sockets.
+
+Checks the ``prefixlb bench --json`` contract (the keys other tools read), that hit rates come
+from the replicas' counters, that the bounds bound, and that the sweep and plots are written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import runner  # noqa: E402
+
+TARGET_KEYS = {"name", "hit_rate", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms", "throughput_rps", "errors"}
+
+
+def test_quick_json_contract_and_sweep(tmp_path: Path) -> None:
+    out = tmp_path / "report.json"
+    peers = [p for p in ("sglang-router",) if shutil.which(p.replace("-", "_")) or _importable("sglang_router")]
+    targets = ",".join(["prefixlb", "round_robin", *peers])
+    args = runner.build_args(["--quick", "--workload", "tenants", "--scale", "0.06", "--targets", targets,
+                              "--loads", "0.3,0.6", "--json", str(out), "--out", str(tmp_path),
+                              "--time-scale", "4"])
+    report = runner.run(args)
+    data = json.loads(out.read_text())
+    assert data == json.loads(json.dumps(report))
+    assert data["workload"] == "tenants"
+    assert 0 < data["oracle_hit_rate"] <= 1
+    assert set(data["ttft_floor_ms"]) == {"p50", "p90", "p99"}
+    assert data["ttft_floor_ms"]["p50"] <= data["ttft_floor_ms"]["p90"] <= data["ttft_floor_ms"]["p99"]
+    names = [t["name"] for t in data["targets"]]
+    assert names == targets.split(",")
+    for t in data["targets"]:
+        assert TARGET_KEYS <= set(t), t
+        assert t["errors"] == 0
+        assert 0 <= t["hit_rate"] <= data["oracle_hit_rate"] + 0.02  # the pooled cache bounds every router
+        assert t["ttft_p50_ms"] >= 0.5 * data["ttft_floor_ms"]["p50"]
+    by = {t["name"]: t for t in data["targets"]}
+    assert by["prefixlb"]["hit_rate"] > by["round_robin"]["hit_rate"]
+    loads = sorted({row["load"] for row in data["sweep"]})
+    assert loads == [0.3, 0.6]
+    assert len(data["sweep"]) == 2 * len(names)
+    assert (tmp_path / "bench_tenants_quick.md").read_text().startswith("### tenants")
+    if _importable("matplotlib"):
+        assert (tmp_path / "bench_tenants_quick_ttft_cdf.png").stat().st_size > 10_000
+        assert (tmp_path / "bench_tenants_quick_vs_load.png").stat().st_size > 10_000
+
+
+def test_unknown_target_is_named() -> None:
+    with pytest.raises(SystemExit, match="unknown target 'nginx'"):
+        runner.run(runner.build_args(["--quick", "--workload", "unique", "--scale", "0.02", "--targets", "nginx",
+                                      "--no-plots"]))
+
+
+def _importable(mod: str) -> bool:
+    try:
+        __import__(mod)
+    except ImportError:
+        return False
+    return True
