@@ -12,6 +12,12 @@ tiers:                            # cheapest first
     price: {input_per_mtok: 0.18, output_per_mtok: 0.18}
     replicas: [http://127.0.0.1:9001, {url: http://127.0.0.1:9002, capacity_tokens: 400000}]
     cost: {prefill_tokens_per_s: 12000, fixed_ms: 15, context_weight: 0.001, step_tokens: 8192}
+  - name: large                   # precise mode: the index follows vLLM's KV-cache events
+    precise: {tokenizer: /models/llama-3.1-70b, block_size: 16}
+    replicas:
+      - url: http://10.0.0.7:8000  # vLLM: --kv-events-config '{"enable_kv_cache_events": true,
+        kv_events:                 #   "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}'
+          {endpoint: "tcp://10.0.0.7:5557", replay_endpoint: "tcp://10.0.0.7:5558"}
 routing: {policy: cache_aware, default_tier: small}
 admin: {token_env: PREFIXLB_ADMIN_TOKEN}
 ```
@@ -30,7 +36,8 @@ import yaml
 
 from prefixlb.routing.policies import POLICIES
 
-__all__ = ["Config", "ConfigError", "ReplicaConfig", "TierConfig", "load_config", "config_from_flags"]
+__all__ = ["Config", "ConfigError", "KVEventsConfig", "PreciseConfig", "ReplicaConfig", "TierConfig", "config_from_flags",
+           "load_config"]
 
 
 class ConfigError(ValueError):
@@ -38,9 +45,30 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
+class KVEventsConfig:
+    """Where a replica's KV-cache events come from (its ``--kv-events-config``)."""
+
+    endpoint: str  # what the balancer connects to (replica bound tcp://*:P) or binds (bind: true)
+    topic: str = ""
+    replay_endpoint: str | None = None
+    bind: bool = False  # the replica was given a concrete host, so it connects to the balancer
+
+
+@dataclass(frozen=True)
 class ReplicaConfig:
     url: str
     capacity_tokens: int | None = None
+    kv_events: KVEventsConfig | None = None
+
+
+@dataclass(frozen=True)
+class PreciseConfig:
+    """Precise mode for a tier: the index follows the replicas' KV events, prompts are tokenized."""
+
+    tokenizer: str  # a directory with tokenizer.json (+ chat template), or "byte" (the emulator's rule)
+    block_size: int = 16  # vLLM's --block-size
+    speculative_grace_s: float = 1.0
+    discover: bool = False  # event sources from each replica's /kv_event_sources
 
 
 @dataclass(frozen=True)
@@ -59,6 +87,7 @@ class TierConfig:
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
     cost: CostConfig = field(default_factory=CostConfig)
+    precise: PreciseConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -144,20 +173,68 @@ def check_url(url: Any, path: str) -> str:
     return url.rstrip("/")
 
 
+def check_zmq_endpoint(ep: Any, path: str) -> str:
+    if not isinstance(ep, str) or not ep.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ConfigError(f"{path}: must be a ZMQ endpoint like tcp://10.0.0.5:5557, got {ep!r}")
+    return ep
+
+
+def _kv_events(obj: Any, path: str) -> KVEventsConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("endpoint", "topic", "replay_endpoint", "bind"))
+    if "endpoint" not in m:
+        raise ConfigError(f"{path}.endpoint: required")
+    bind = m.get("bind", False)
+    if not isinstance(bind, bool):
+        raise ConfigError(f"{path}.bind: must be true or false, got {bind!r}")
+    topic = m.get("topic", "")
+    if not isinstance(topic, str):
+        raise ConfigError(f"{path}.topic: must be a string, got {topic!r}")
+    replay = m.get("replay_endpoint")
+    return KVEventsConfig(
+        endpoint=check_zmq_endpoint(m["endpoint"], f"{path}.endpoint"),
+        topic=topic,
+        replay_endpoint=None if replay is None else check_zmq_endpoint(replay, f"{path}.replay_endpoint"),
+        bind=bind,
+    )
+
+
 def _replica(obj: Any, path: str) -> ReplicaConfig:
     if isinstance(obj, str):
         return ReplicaConfig(check_url(obj, path))
-    m = _keys(obj, path, ("url", "capacity_tokens"))
+    m = _keys(obj, path, ("url", "capacity_tokens", "kv_events"))
     if "url" not in m:
         raise ConfigError(f"{path}.url: required")
     return ReplicaConfig(
         check_url(m["url"], f"{path}.url"),
         _num(m, "capacity_tokens", path, None, lo=16, integer=True),
+        _kv_events(m.get("kv_events"), f"{path}.kv_events"),
+    )
+
+
+def _precise(obj: Any, path: str) -> PreciseConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("tokenizer", "block_size", "speculative_grace_s", "discover"))
+    tok = _str(m, "tokenizer", path, None)
+    if tok is None:
+        raise ConfigError(f"{path}.tokenizer: required (a directory with tokenizer.json, or 'byte')")
+    if tok != "byte" and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
+        raise ConfigError(f"{path}.tokenizer: no tokenizer.json in {tok!r}")
+    discover = m.get("discover", False)
+    if not isinstance(discover, bool):
+        raise ConfigError(f"{path}.discover: must be true or false, got {discover!r}")
+    return PreciseConfig(
+        tokenizer=tok,
+        block_size=_num(m, "block_size", path, 16, lo=1, hi=4096, integer=True),
+        speculative_grace_s=_num(m, "speculative_grace_s", path, 1.0, lo=0),
+        discover=discover,
     )
 
 
 def _tier(obj: Any, path: str) -> TierConfig:
-    m = _keys(obj, path, ("name", "model", "price", "replicas", "cost"))
+    m = _keys(obj, path, ("name", "model", "price", "replicas", "cost", "precise"))
     name = _str(m, "name", path, None)
     if name is None:
         raise ConfigError(f"{path}.name: required")
@@ -186,6 +263,7 @@ def _tier(obj: Any, path: str) -> TierConfig:
             context_weight=_num(cost, "context_weight", cp, 1e-3, lo=0, hi=1),
             step_tokens=_num(cost, "step_tokens", cp, 8192, lo=16, integer=True),
         ),
+        precise=_precise(m.get("precise"), f"{path}.precise"),
     )
 
 
@@ -244,7 +322,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         default_tier=default_tier,
         block_bytes=_num(routing, "block_bytes", "routing", 64, lo=4, hi=65536, integer=True),
         bytes_per_token=_num(routing, "bytes_per_token", "routing", 4.0, lo=0.5, hi=64),
-        pressure_weight=_num(routing, "pressure_weight", "routing", 0.5, lo=0, hi=100),
+        pressure_weight=_num(routing, "pressure_weight", "routing", 1.0, lo=0, hi=100),
         seed=_num(routing, "seed", "routing", 0, lo=0, integer=True),
         admin_token=token,
         max_body_bytes=_num(limits, "max_body_bytes", "limits", 32 * 1024 * 1024, lo=1024, integer=True),

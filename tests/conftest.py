@@ -1,7 +1,11 @@
-"""Shared fixtures: every index test runs against both implementations (ids ``py`` / ``c``)."""
+"""Shared fixtures: every index test runs against both implementations (ids ``py`` / ``c``); ``async
+def`` tests run in a fresh event loop with a hard timeout (no pytest-asyncio needed:
+``@pytest.mark.async_timeout(s)`` sets the bound, default 30 s)."""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 
 import pytest
@@ -28,3 +32,19 @@ else:
 @pytest.fixture(params=IMPLS)
 def Index(request):  # noqa: N802 - a class, named as one
     return request.param
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "async_timeout(seconds): bound an async emulator test (default 30 s)")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
+    fn = pyfuncitem.obj
+    if not inspect.iscoroutinefunction(fn):
+        return None
+    marker = pyfuncitem.get_closest_marker("async_timeout")
+    timeout = float(marker.args[0]) if marker else 30.0
+    kwargs = {name: pyfuncitem.funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    asyncio.run(asyncio.wait_for(fn(**kwargs), timeout))
+    return True

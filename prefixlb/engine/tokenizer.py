@@ -29,10 +29,13 @@ from typing import Any, Protocol, runtime_checkable
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "ByteTokenizer",
+    "CachedEncoder",
     "HFTokenizer",
     "Tokenizer",
     "default_tokenizer",
+    "prompt_text",
     "render_default_chat",
+    "request_prompt_ids",
 ]
 
 _LITTLE = sys.byteorder == "little"
@@ -161,6 +164,33 @@ class ByteTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``, with BOS first when ``add_special_tokens``."""
         data = text.encode("utf-8")
+        if data.isascii():
+            return self._encode_ascii(data, add_special_tokens).tolist()
+        return self._encode_bytes(data, add_special_tokens)
+
+    def encode_array(self, text: str, add_special_tokens: bool = True) -> array:
+        """:meth:`encode` as ``array('I')``: ASCII text never becomes a list of Python ints
+        (most of the cost of encoding a long prompt)."""
+        data = text.encode("utf-8")
+        if data.isascii():
+            return self._encode_ascii(data, add_special_tokens)
+        return array("I", self._encode_bytes(data, add_special_tokens))
+
+    @staticmethod
+    def _encode_ascii(data: bytes, add_special_tokens: bool) -> array:
+        n = len(data) & ~3
+        body = array("I")
+        body.frombytes(data[:n])
+        if not _LITTLE:
+            body.byteswap()
+        ids = array("I", [_BOS]) + body if add_special_tokens else body
+        tail = data[n:]
+        if tail:
+            ids.append(_PARTIAL | len(tail) << 24 | int.from_bytes(tail, "little"))
+        return ids
+
+    @staticmethod
+    def _encode_bytes(data: bytes, add_special_tokens: bool) -> list[int]:
         n = len(data) & ~3
         ids: list[int] = [_BOS] if add_special_tokens else []
         if data.isascii():
@@ -247,20 +277,130 @@ def chat_prompt_ids(tok: Tokenizer, messages: list[dict[str, Any]], *, tools: li
     return tok.encode(text, add_special_tokens=add_special_tokens)
 
 
-def request_prompt_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list[int]:
-    """Prompt tokens of a well-formed OpenAI request body (chat or completions), as a vLLM
-    replica computes them. No validation: the emulator's protocol layer validates client input;
-    this serves callers that generated the body themselves (simulator, benchmark bounds)."""
+def prompt_text(tok: Tokenizer, body: dict[str, Any], chat: bool) -> tuple[str, bool] | list[int]:
+    """What a vLLM replica tokenizes for a well-formed request body: ``(text, add_special_tokens)``,
+    or the token ids themselves when the prompt was given as ids."""
     if chat:
-        return chat_prompt_ids(tok, body["messages"], tools=body.get("tools"),
-                               add_generation_prompt=body.get("add_generation_prompt", True),
-                               add_special_tokens=body.get("add_special_tokens", False))
+        text = tok.apply_chat_template(body["messages"], add_generation_prompt=body.get("add_generation_prompt", True),
+                                       tools=body.get("tools"))
+        return text, bool(body.get("add_special_tokens", False))
     prompt = body["prompt"]
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (list, str)):
         prompt = prompt[0]
     if isinstance(prompt, list):
         return list(prompt)
-    return tok.encode(prompt, add_special_tokens=body.get("add_special_tokens", True))
+    return prompt, bool(body.get("add_special_tokens", True))
+
+
+def request_prompt_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list[int]:
+    """Prompt tokens of a well-formed OpenAI request body (chat or completions), as a vLLM
+    replica computes them. No validation: the emulator's protocol layer validates client input;
+    this serves callers that generated the body themselves (simulator, benchmark bounds)."""
+    got = prompt_text(tok, body, chat)
+    if isinstance(got, list):
+        return got
+    return tok.encode(got[0], add_special_tokens=got[1])
+
+
+class CachedEncoder:
+    """``request_prompt_ids`` for a balancer's hot path: shared prefixes are tokenized once.
+
+    The rendered prompt is cut into chunks of about ``chunk_chars`` at the start of a word
+    (a non-space character, then a space, then a word character): byte-level BPE pre-tokenizers
+    (GPT-2, Llama 3, Qwen...) and Metaspace ones never merge across that point, so encoding the
+    chunks separately and concatenating gives the same ids. Chunks are cut from the start of the
+    text, so prompts sharing a prefix share its chunks, and each chunk's ids are cached (bounded
+    by ``cache_tokens`` in total, oldest first out).
+
+    That equivalence is a property of the tokenizer, so it is checked, not assumed: at start on
+    a sample text, then on one request in ``verify_every`` (the whole text encoded too). If it
+    ever fails, chunking is switched off for good (whole-text encoding, still exact) and
+    ``mismatches`` says so.
+    """
+
+    _CUT = None
+
+    def __init__(self, tok: Tokenizer, *, chunk_chars: int = 2048, cache_tokens: int = 4_000_000,
+                 verify_every: int = 256) -> None:
+        import re
+
+        if CachedEncoder._CUT is None:
+            CachedEncoder._CUT = re.compile(r"(?<=\S) (?=\w)")
+        self.tok = tok
+        self.chunk_chars = chunk_chars
+        self.cache_tokens = cache_tokens
+        self.verify_every = verify_every
+        self._cache: dict[str, list[int]] = {}
+        self._cached_tokens = 0
+        self._calls = 0
+        self.hits = 0
+        self.misses = 0
+        self.mismatches = 0
+        specials = tok.encode("", add_special_tokens=True)
+        self._specials = list(specials)  # what add_special_tokens puts in front (BOS), if anything
+        self.chunking = self._self_test()
+
+    def _self_test(self) -> bool:
+        sample = ("The quick brown fox's 2,048 tokens: don't stop -- naïve café, \"quoted\" (x=42)!\n\n"
+                  "  indented\tcode = [1, 2, 3]  # comment\nnext line ends. ") * 40
+        try:
+            chunked = self._chunked(sample, use_cache=False)
+            whole = self.tok.encode(sample, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - a tokenizer we cannot chunk: encode whole texts
+            return False
+        return chunked == whole
+
+    def _chunked(self, text: str, use_cache: bool = True) -> list[int]:
+        enc = self.tok.encode
+        cut = self._CUT
+        out: list[int] = []
+        n = len(text)
+        pos = 0
+        cache = self._cache
+        while pos < n:
+            m = cut.search(text, pos + self.chunk_chars) if n - pos > 2 * self.chunk_chars else None
+            end = m.start() if m else n
+            piece = text[pos:end]
+            ids = cache.get(piece) if use_cache else None
+            if ids is None:
+                ids = enc(piece, add_special_tokens=False)
+                if use_cache:
+                    self.misses += 1
+                    if end < n:  # the last piece is usually the unique part: do not cache it
+                        self._remember(piece, ids)
+            else:
+                self.hits += 1
+            out += ids
+            pos = end
+        return out
+
+    def _remember(self, piece: str, ids: list[int]) -> None:
+        cache = self._cache
+        cache[piece] = ids
+        self._cached_tokens += len(ids)
+        while self._cached_tokens > self.cache_tokens and cache:
+            old = next(iter(cache))
+            self._cached_tokens -= len(cache.pop(old))
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        if not self.chunking or len(text) <= 2 * self.chunk_chars:
+            return self.tok.encode(text, add_special_tokens=add_special_tokens)
+        ids = self._chunked(text)
+        self._calls += 1
+        if self.verify_every and self._calls % self.verify_every == 0:
+            whole = self.tok.encode(text, add_special_tokens=False)
+            if whole != ids:
+                self.mismatches += 1
+                self.chunking = False
+                self._cache.clear()
+                ids = whole
+        return (self._specials + ids) if add_special_tokens else ids
+
+    def prompt_ids(self, body: dict[str, Any], chat: bool) -> list[int]:
+        got = prompt_text(self.tok, body, chat)
+        if isinstance(got, list):
+            return got
+        return self.encode(got[0], got[1])
 
 
 def default_tokenizer() -> ByteTokenizer:

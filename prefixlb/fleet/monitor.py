@@ -18,7 +18,7 @@ import aiohttp
 from .replica import Replica
 from .scrape import parse_vllm_metrics
 
-__all__ = ["FleetMonitor", "fetch_models"]
+__all__ = ["FleetMonitor", "fetch_json", "fetch_models"]
 
 log = logging.getLogger("prefixlb.fleet")
 
@@ -33,6 +33,17 @@ async def fetch_models(session: aiohttp.ClientSession, url: str, timeout: float)
         return {m["id"] for m in body.get("data", []) if isinstance(m, dict) and isinstance(m.get("id"), str)}
     except (aiohttp.ClientError, asyncio.TimeoutError, ValueError, TypeError, AttributeError):
         return set()
+
+
+async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float):
+    """The JSON body of ``GET url`` (None on any failure or non-200)."""
+    try:
+        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+            if r.status != 200:
+                return None
+            return await r.json(content_type=None)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
 
 
 class FleetMonitor:

@@ -22,6 +22,8 @@ class Replica:
     scraped: ScrapedLoad | None = None
     scraped_at: float = float("-inf")
     last_error: str = ""
+    block_size_warned: bool = False
+    was_down: bool = False  # failed health checks since it was last seen healthy
     _fails: int = 0
     _passes: int = 0
     checks: int = 0

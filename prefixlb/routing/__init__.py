@@ -2,7 +2,8 @@
 snapshot of state; no sockets, no clocks of its own (``now`` is passed in)."""
 
 from .policies import POLICIES, CacheAware, ConsistentHash, LeastLoaded, Pick, Policy, RoundRobin, make_policy
-from .prompt import PromptError, PromptKey, prompt_key
+from .precise import EventIndex
+from .prompt import PromptError, PromptKey, prompt_key, token_key
 from .router import Decision, NoReplicaAvailable, TierRouter
 from .state import CostParams, ReplicaState
 
@@ -11,6 +12,7 @@ __all__ = [
     "CacheAware",
     "ConsistentHash",
     "CostParams",
+    "EventIndex",
     "Decision",
     "LeastLoaded",
     "NoReplicaAvailable",
@@ -23,4 +25,5 @@ __all__ = [
     "TierRouter",
     "make_policy",
     "prompt_key",
+    "token_key",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 import xxhash
 
-__all__ = ["PromptError", "PromptKey", "prompt_key"]
+__all__ = ["PromptError", "PromptKey", "prompt_key", "token_key"]
 
 # Frame markers: bytes that cannot appear in UTF-8 text (0xFE/0xFF never occur in UTF-8), so a
 # message's content can never imitate a frame boundary.
@@ -116,6 +116,13 @@ def _ids_bytes(ids: Sequence[Any], where: str) -> bytes:
         return array("I", ids).tobytes()
     except (TypeError, OverflowError) as exc:
         raise PromptError(f"{where} must be a list of token ids (non-negative integers)") from exc
+
+
+def token_key(ids: Sequence[int], body: Mapping[str, Any]) -> PromptKey:
+    """The prompt key of a prompt already turned into the replica's token ids (precise mode):
+    4 bytes per token, so an index block of ``4 * block_size`` bytes is one vLLM block."""
+    data = _ids_bytes(ids, "prompt token ids")
+    return PromptKey(data, _seed(body), len(data), token_ids=len(ids))
 
 
 def prompt_key(body: Mapping[str, Any], chat: bool) -> PromptKey:

@@ -23,6 +23,7 @@ import xxhash
 from prefixlb.index import PrefixIndex
 
 from .policies import Pick, Policy, make_policy
+from .precise import EventIndex
 from .prompt import PromptKey
 from .scoring import F_COUNT
 from .state import CostParams, ReplicaState, TierModel
@@ -106,6 +107,17 @@ class TierRouter:
         self._available_dirty = True
         self._decisions = 0
         self.clock = clock
+        self.events: EventIndex | None = None  # precise mode (enable_precise)
+
+    def enable_precise(self, block_tokens: int, grace: float = 1.0) -> EventIndex:
+        """Precise mode: prompts arrive as token ids (4 bytes each) and the index follows the
+        replicas' KV events (:mod:`prefixlb.routing.precise`), one index block per vLLM block."""
+        self.block_bytes = 4 * block_tokens
+        self.bytes_per_token = 4.0
+        self.events = EventIndex(self.index, block_tokens, grace=grace)
+        for r in self._ordered:
+            self._apply_capacity(r)
+        return self.events
 
     # -- replica set ------------------------------------------------------------------------
 
@@ -128,6 +140,8 @@ class TierRouter:
     def remove_replica(self, replica_id: int) -> None:
         self.replicas.pop(replica_id, None)
         self.index.remove_replica(replica_id)
+        if self.events is not None:
+            self.events.forget(replica_id)
         self._reorder()
 
     def set_capacity_tokens(self, replica_id: int, tokens: int) -> None:
@@ -219,6 +233,8 @@ class TierRouter:
         each replica's cache fullness from the index, and the drift of unobserved speed ratios
         back toward the tier's."""
         now = self.clock() if now is None else now
+        if self.events is not None:
+            self.events.expire(now)
         per = self.index.stats()["per_replica"]
         for r in self._ordered:
             r.relax(now)
@@ -255,6 +271,8 @@ class TierRouter:
         if r.id in self.replicas:
             self.index.insert(r.id, d.chain)
             d.inserted = True
+            if self.events is not None:
+                self.events.speculate(r.id, d.chain)
 
     def first_token(self, d: Decision, now: float | None = None) -> None:
         """The first response byte arrived: the prefill is done; learn the TTFT."""
@@ -265,6 +283,8 @@ class TierRouter:
         r = d.replica
         r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
         r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
+        if self.events is not None and d.inserted:
+            self.events.settle(r.id, d.chain, now)
 
     def finished(self, d: Decision, now: float | None = None, usage: dict | None = None,
                  prompt_text_bytes: int | None = None) -> None:
@@ -276,6 +296,8 @@ class TierRouter:
         r = d.replica
         if d.first_token_at is None:
             r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
+            if self.events is not None and d.inserted:
+                self.events.settle(r.id, d.chain, now)
         r.on_finish(d.prompt_tokens, d.kv_tokens)
         self.model.observe_duration(now - d.dispatched_at)
         if usage:
@@ -289,7 +311,10 @@ class TierRouter:
         now = self.clock() if now is None else now
         d.closed = True
         d.replica.on_cancel(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
-        if d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
+        if self.events is not None:
+            if d.inserted:  # unconfirmed blocks go at the next upkeep; confirmed ones stay
+                self.events.settle(d.replica.id, d.chain, now - self.events.grace)
+        elif d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
             self.index.remove_blocks(d.replica.id, d.chain[d.matched_blocks:])
 
     # -- feedback ---------------------------------------------------------------------------------
@@ -301,7 +326,7 @@ class TierRouter:
             self.bytes_per_token += 0.02 * (min(max(text_bytes / prompt, 1.0), 16.0) - self.bytes_per_token)
         details = usage.get("prompt_tokens_details") or {}
         actual = details.get("cached_tokens") if isinstance(details, dict) else None
-        if not isinstance(actual, int):
+        if not isinstance(actual, int) or self.events is not None:  # precise: the events say what it holds
             return
         r = d.replica
         tol = self.tokens_per_block * 2

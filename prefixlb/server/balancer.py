@@ -30,9 +30,12 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prefixlb import errors
 from prefixlb.config import Config, ConfigError, check_url
 from prefixlb.fleet.breaker import BreakerConfig
-from prefixlb.fleet.monitor import FleetMonitor, fetch_models
+from prefixlb.fleet.kv_events import AllCleared, EventSource, KVEventSubscriber, Removed, Stored
+from prefixlb.fleet.kv_events import sources_from_kv_event_sources
+from prefixlb.fleet.monitor import FleetMonitor, fetch_json, fetch_models
 from prefixlb.fleet.replica import Replica
 from prefixlb.routing import CostParams, NoReplicaAvailable, PromptError, TierRouter, make_policy, prompt_key
+from prefixlb.routing import token_key
 from prefixlb.routing.prompt import PromptKey
 from prefixlb.routing.router import Decision
 
@@ -72,6 +75,8 @@ class Tier:
     input_per_mtok: float = 0.0
     output_per_mtok: float = 0.0
     replicas: dict[int, Replica] = field(default_factory=dict)
+    encoder: object | None = None  # precise mode: CachedEncoder giving the replicas' prompt token ids
+    block_size: int | None = None  # precise mode: vLLM's block size
 
     def served_models(self) -> set[str]:
         names = {self.model} if self.model else set()
@@ -89,6 +94,8 @@ class Balancer:
         self.pools: dict[int, UpstreamPool] = {}
         self._next_id = 0
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
+        self._event_sources: list[EventSource] = []
+        self.events: KVEventSubscriber | None = None
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
         self.metrics = BalancerMetrics(self._state_rows)
@@ -102,9 +109,16 @@ class Balancer:
                                 block_bytes=config.block_bytes, bytes_per_token=config.bytes_per_token,
                                 seed=config.seed + i, clock=clock)
             tier = Tier(t.name, t.model, router, t.input_per_mtok, t.output_per_mtok)
+            if t.precise is not None:
+                router.enable_precise(t.precise.block_size, t.precise.speculative_grace_s)
+                tier.encoder = _encoder(t.precise.tokenizer)
+                tier.block_size = t.precise.block_size
             self.tiers[t.name] = tier
             for rc in t.replicas:
-                self._add_replica(tier, rc.url, rc.capacity_tokens)
+                r = self._add_replica(tier, rc.url, rc.capacity_tokens)
+                if rc.kv_events is not None:
+                    e = rc.kv_events
+                    self._event_sources.append(EventSource(r.id, e.endpoint, e.topic, e.replay_endpoint, e.bind))
         self.server = HTTPServer(self.handle, limits=Limits(max_body_bytes=config.max_body_bytes,
                                                             max_header_bytes=config.max_header_bytes,
                                                             request_timeout=60.0))
@@ -113,7 +127,7 @@ class Balancer:
             health_interval=config.health_interval_s, health_timeout=config.health_timeout_s,
             fail_threshold=config.health_fail_threshold, pass_threshold=config.health_pass_threshold,
             scrape_interval=config.scrape_interval_s, scrape_timeout=config.scrape_timeout_s,
-            on_health=self._sync, on_scrape=self._on_scrape, clock=clock,
+            on_health=self._on_health, on_scrape=self._on_scrape, clock=clock,
         )
         self._ticker: asyncio.Task | None = None
         self._closing = False
@@ -124,6 +138,7 @@ class Balancer:
                     reuse_port: bool = False) -> None:
         await self.monitor.start()
         await self._learn_models()
+        await self._start_events()
         await self.server.serve(host or self.config.host, self.config.port if port is None else port,
                                 sock=sock, reuse_port=reuse_port)
         self._ticker = asyncio.create_task(self._tick(), name="prefixlb-eligibility")
@@ -139,6 +154,8 @@ class Balancer:
             self._ticker.cancel()
             await asyncio.gather(self._ticker, return_exceptions=True)
         await self.monitor.stop()
+        if self.events is not None:
+            await self.events.close()
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def _learn_models(self) -> None:
@@ -147,6 +164,69 @@ class Balancer:
                                          for r in self.replicas.values()))
         for r, models in zip(list(self.replicas.values()), results):
             r.models |= models
+
+    # -- precise mode: KV events -------------------------------------------------------------------
+
+    async def _start_events(self) -> None:
+        discover = [r for t in self.config.tiers if t.precise is not None and t.precise.discover
+                    for r in self.tiers[t.name].replicas.values()]
+        configured = {s.replica_id for s in self._event_sources}
+        for r in discover:
+            if r.id in configured:
+                continue
+            body = await fetch_json(self.monitor.session, r.url + "/kv_event_sources", self.config.health_timeout_s * 2)
+            found = sources_from_kv_event_sources(r.id, r.url, body)
+            if not found:
+                log.warning("precise mode: %s publishes no KV-event endpoint the balancer can subscribe to "
+                            "(GET /kv_event_sources); it is routed on speculative entries only", r.url)
+            self._event_sources += found[:1]  # one data-parallel rank per replica URL
+        if not self._event_sources:
+            return
+        for s in self._event_sources:
+            tier = self.tiers[self.replicas[s.replica_id].tier]
+            if tier.router.events is None:
+                raise ConfigError(f"tiers: replica {self.replicas[s.replica_id].url} has kv_events but tier "
+                                  f"{tier.name!r} is not in precise mode (set tiers[].precise)")
+        self.events = KVEventSubscriber(self._event_sources, self._on_kv_events, self._on_kv_resync)
+        await self.events.start()
+
+    def _on_kv_events(self, rid: int, seq: int, events: list) -> None:
+        r = self.replicas.get(rid)
+        if r is None:
+            return
+        tier = self.tiers[r.tier]
+        ev = tier.router.events
+        if ev is None:
+            return
+        stored = removed = 0
+        for e in events:
+            if isinstance(e, Stored):
+                if e.medium not in (None, "GPU"):
+                    continue  # offloaded copies (CPU / storage) are not prefix-cache hits for routing
+                ev.stored(rid, e.block_hashes, e.parent_block_hash, e.token_ids, e.block_size, e.lora_name,
+                          e.extra_keys)
+                stored += len(e.block_hashes)
+            elif isinstance(e, Removed):
+                if e.medium not in (None, "GPU"):
+                    continue
+                ev.removed(rid, e.block_hashes)
+                removed += len(e.block_hashes)
+            elif isinstance(e, AllCleared):
+                ev.cleared(rid)
+                self.metrics.kv_events.inc((tier.name, r.url, "cleared"))
+        if stored:
+            self.metrics.kv_events.inc((tier.name, r.url, "stored"), stored)
+        if removed:
+            self.metrics.kv_events.inc((tier.name, r.url, "removed"), removed)
+
+    def _on_kv_resync(self, rid: int, why: str) -> None:
+        r = self.replicas.get(rid)
+        if r is None:
+            return
+        tier = self.tiers[r.tier]
+        if tier.router.events is not None:
+            tier.router.events.cleared(rid)
+        self.metrics.kv_resyncs.inc((tier.name, r.url))
 
     async def _tick(self) -> None:
         # open -> half-open breakers become routable with time, not with an event; the routers'
@@ -181,12 +261,25 @@ class Balancer:
         s.eligible = r.healthy and r.breaker.available(self.clock())
         s.draining = r.draining
 
+    def _on_health(self, r: Replica) -> None:
+        if r.healthy and r.was_down and self.events is not None:
+            # back after failing health checks: most likely a new process with an empty cache and
+            # its event sequence back at 0; rebuild from its replay buffer rather than trust the old state
+            self.events.reset(r.id)
+            self._on_kv_resync(r.id, "replica came back after failing health checks")
+        r.was_down = not r.healthy
+        self._sync(r)
+
     def _on_scrape(self, r: Replica) -> None:
         tier = self.tiers.get(r.tier)
         if tier is None or r.id not in tier.router.replicas or r.scraped is None:
             return
         s = tier.router.replicas[r.id]
         sc = r.scraped
+        if tier.block_size and sc.block_size and sc.block_size != tier.block_size and not r.block_size_warned:
+            r.block_size_warned = True
+            log.error("precise mode: %s runs with --block-size %d but tier %r is configured with block_size %d; "
+                      "its KV events are ignored until they agree", r.url, sc.block_size, tier.name, tier.block_size)
         s.observe_scrape(sc.waiting, sc.running, sc.kv_usage, r.scraped_at)
         cap = sc.kv_capacity_tokens
         if cap and r.id not in self._capacity_configured and cap != s.capacity_tokens:
@@ -313,6 +406,12 @@ class Balancer:
             key = prompt_key(body, chat)
         except PromptError as exc:
             raise errors.BadRequest(str(exc), param="messages" if chat else "prompt") from None
+        if tier.encoder is not None:
+            try:
+                key = token_key(tier.encoder.prompt_ids(body, chat), body)  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001 - a template the request breaks: the replica will say why
+                self.metrics.precise_fallbacks.inc((tier.name,))
+                log.debug("precise mode: cannot tokenize a request (%s); routing on its text", exc)
         started = time.perf_counter()
         await self._forward(req, tier, body, model, key, stream, started)
 
@@ -580,6 +679,14 @@ class Balancer:
         pool = self.pools.pop(r.id, None)
         if pool is not None:
             await pool.close()
+
+
+def _encoder(spec: str):
+    """The tier's prompt tokenizer in precise mode: a Hugging Face directory, or "byte"."""
+    from prefixlb.engine.tokenizer import CachedEncoder, HFTokenizer, default_tokenizer
+
+    tok = default_tokenizer() if spec == "byte" else HFTokenizer.from_dir(spec)
+    return CachedEncoder(tok)
 
 
 def _consteq(a: bytes, b: bytes) -> bool:

@@ -104,7 +104,13 @@ class BalancerMetrics:
         self.client_disconnects = f("prefixlb_client_disconnects", "Clients that went away mid-request", ("tier",),
                                     "counter")
         self.cost = f("prefixlb_cost_dollars", "Spend by tier at the configured prices", ("tier",), "counter")
-        self._families = [self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,
+        self.kv_events = f("prefixlb_kv_events", "KV-cache events applied to the index (precise mode), by kind",
+                           ("tier", "replica", "kind"), "counter")
+        self.kv_resyncs = f("prefixlb_kv_event_resyncs", "Times a replica's index was rebuilt from its events "
+                            "(restart, unrepairable gap, cache reset)", ("tier", "replica"), "counter")
+        self.precise_fallbacks = f("prefixlb_precise_fallbacks", "Requests routed on text because tokenizing "
+                                   "them as the replica would failed", ("tier",), "counter")
+        self._families = [self.kv_events, self.kv_resyncs, self.precise_fallbacks, self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,
                           self.predicted_cached, self.actual_cached, self.prompt_tokens, self.completion_tokens,
                           self.retries, self.stream_errors, self.client_disconnects, self.cost]
         self.registry = CollectorRegistry(auto_describe=False)

@@ -1,0 +1,92 @@
+"""Precise mode end to end: emulated vLLM replicas publish KV events, the balancer follows them.
+
+The fleet's caches are small (40 blocks of 16 tokens per replica) and the workload's documents
+do not fit, so replicas evict continually. In precise mode the balancer's index must agree
+with what each replica holds, so its predicted cached tokens equal what the replicas report;
+approximate mode, on the same traffic, cannot see the evictions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+
+import aiohttp
+
+from prefixlb.config import Config, PreciseConfig, ReplicaConfig, TierConfig
+from prefixlb.emulator import EmulatedFleet
+from prefixlb.server import Balancer
+
+from .support import metric, post, wait_for
+
+FLEET = dict(profile="cpu-tiny-llama", block_size=16, num_gpu_blocks=40, max_model_len=512, time_scale=20.0,
+             kv_events_endpoint="tcp://127.0.0.1:*", kv_replay_endpoint="tcp://127.0.0.1:*")
+
+
+def documents(n: int = 10, tokens: int = 96) -> list[str]:
+    rng = random.Random(7)
+    words = "cache block prefix replica token router vllm model serve answer question batch".split()
+    return [f"doc{i} " + " ".join(rng.choice(words) for _ in range(tokens)) for i in range(n)]
+
+
+async def drive(base: str, n: int = 60) -> list[int]:
+    docs = documents()
+    rng = random.Random(1)
+    cached = []
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+        for i in range(n):
+            prompt = rng.choice(docs) + f" question {i}?"
+            status, _, body = await post(s, base + "/v1/completions",
+                                         {"model": "auto", "prompt": prompt, "max_tokens": 1})
+            assert status == 200, body
+            import orjson
+
+            cached.append(orjson.loads(body)["usage"]["prompt_tokens_details"]["cached_tokens"])
+            await asyncio.sleep(0.03)  # the step's events reach the balancer before the next decision
+    return cached
+
+
+def config(urls: list[str], precise: bool) -> Config:
+    tier = TierConfig(name="default", model=None, replicas=tuple(ReplicaConfig(u) for u in urls),
+                      precise=PreciseConfig("byte", block_size=16, speculative_grace_s=0.3, discover=True)
+                      if precise else None)
+    return dataclasses.replace(Config(tiers=(tier,), port=0), health_interval_s=0.1, scrape_interval_s=0.2,
+                               admin_token="t")
+
+
+async def run_mode(precise: bool) -> dict:
+    async with EmulatedFleet(2, **FLEET) as fleet:
+        b = Balancer(config(fleet.urls, precise))
+        await b.start()
+        try:
+            base = f"http://127.0.0.1:{b.port}"
+            actual = await drive(base)
+            async with aiohttp.ClientSession() as s:
+                pred = await metric(s, base, "prefixlb_predicted_cached_tokens_total")
+                act = await metric(s, base, "prefixlb_actual_cached_tokens_total")
+                events = await metric(s, base, "prefixlb_kv_events_total")
+            out = {"predicted": pred, "actual": act, "events": events, "hits": sum(actual)}
+            if precise:
+                router = b.tiers["default"].router
+                engines = {rid: fleet.replicas[i].engine for i, rid in enumerate(sorted(b.replicas))}
+
+                def agree() -> bool:
+                    return all(len(router.index.blocks(rid)) == e.kv.num_cached_hashes for rid, e in engines.items())
+
+                out["agree"] = await wait_for(agree, timeout=3.0)
+                out["index"] = {rid: len(router.index.blocks(rid)) for rid in engines}
+                out["engine"] = {rid: e.kv.num_cached_hashes for rid, e in engines.items()}
+            return out
+        finally:
+            await b.stop(0.5)
+
+
+async def test_precise_index_follows_evictions_and_predicts_what_replicas_report() -> None:
+    p = await run_mode(precise=True)
+    assert p["events"] > 0
+    assert p["agree"], (p["index"], p["engine"])
+    assert abs(p["predicted"] - p["actual"]) <= 0.02 * max(p["actual"], 1), p
+    a = await run_mode(precise=False)
+    # approximate mode believes evicted prefixes are still there
+    assert abs(a["predicted"] - a["actual"]) > abs(p["predicted"] - p["actual"]), (a, p)
