@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bounds import Bounds, compute_bounds, percentile  # noqa: E402
-from targets import PEERS, POLICY_TARGETS, start_target  # noqa: E402
+from targets import PEERS, POLICY_TARGETS, PRECISE, start_target  # noqa: E402
 
 from prefixlb.emulator.fleet import start_fleet_process  # noqa: E402
 from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
@@ -60,6 +60,7 @@ from prefixlb.loadgen import (  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_TARGETS = [*POLICY_TARGETS, *PEERS]
+KNOWN_TARGETS = [*ALL_TARGETS, PRECISE]  # precise mode runs when asked (its fleet publishes KV events)
 
 
 @dataclass
@@ -159,15 +160,19 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
     elif fleet.urls:
         urls = fleet.urls
     else:
+        events = {"kv_events_endpoint": "tcp://127.0.0.1:*", "kv_replay_endpoint": "tcp://127.0.0.1:*"} \
+            if name == PRECISE else {}
         proc = start_fleet_process(fleet.replicas, base_port=0, profile=fleet.profile, time_scale=fleet.time_scale,
                                    kv_capacity_tokens=fleet.kv_capacity_tokens, max_model_len=fleet.max_model_len,
-                                   startup_timeout=90)
+                                   startup_timeout=90, **events)
         urls = proc.urls
     try:
         model = specs[0].body.get("model", "")
         probe_body = json.dumps({"model": model, "messages": [{"role": "user", "content": "ping"}],
                                  "max_tokens": 1}).encode()
-        target = start_target(name, urls, probe=("/v1/chat/completions", probe_body))
+        precise = {"tokenizer": args.tokenizer or "byte",
+                   "block_size": args.block_size or get_profile(fleet.profile).block_size}
+        target = start_target(name, urls, probe=("/v1/chat/completions", probe_body), precise=precise)
         try:
             before = await replica_counters(urls)
             bar = _progress(len(specs), name)
@@ -261,7 +266,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workload", default="mixed",
                     help="tenants | llmd | chat | docqa | agent | unique | mixed | trace (default mixed)")
     ap.add_argument("--trace", help="JSONL trace for --workload trace (see prefixlb.loadgen.trace_workload)")
-    ap.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"comma-separated, from {', '.join(ALL_TARGETS)}")
+    ap.add_argument("--targets", default=",".join(ALL_TARGETS),
+                    help=f"comma-separated, from {', '.join(KNOWN_TARGETS)} (default: all but {PRECISE})")
     ap.add_argument("--quick", action="store_true", help="a smaller workload and fewer targets' requests (< 5 min)")
     ap.add_argument("--scale", type=float, default=None, help="workload size multiplier (default 1, --quick 0.35)")
     ap.add_argument("--load", type=float, default=0.6,
@@ -334,8 +340,8 @@ def run(args: argparse.Namespace, fleet_factory: Callable[[], tuple[list[str], C
           f"{kv if kv else 'profile default'} tokens", file=sys.stderr)
     names = [t.strip() for t in args.targets.split(",") if t.strip()]
     for name in names:
-        if name not in ALL_TARGETS:
-            raise SystemExit(f"prefixlb bench: unknown target {name!r}; known: {', '.join(ALL_TARGETS)}")
+        if name not in KNOWN_TARGETS:
+            raise SystemExit(f"prefixlb bench: unknown target {name!r}; known: {', '.join(KNOWN_TARGETS)}")
     results = _run_all(names, specs, fleet, args)
     sweep = []
     if args.loads and args.workload != "trace":

@@ -19,10 +19,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["PEERS", "POLICY_TARGETS", "Target", "free_port", "start_target"]
+__all__ = ["PEERS", "POLICY_TARGETS", "PRECISE", "Target", "free_port", "precise_config", "start_target"]
 
 POLICY_TARGETS = {"prefixlb": "cache_aware", "round_robin": "round_robin", "least_loaded": "least_loaded",
                   "consistent_hash": "consistent_hash"}
+#: prefixlb in precise mode (the index follows the replicas' KV events); needs a fleet publishing them
+PRECISE = "prefixlb-precise"
 PEERS = ("sglang-router", "vllm-router")
 
 
@@ -112,11 +114,36 @@ def _bin(name: str) -> str | None:
     return str(here) if here.exists() else shutil.which(name)
 
 
+def precise_config(replicas: list[str], *, tokenizer: str = "byte", block_size: int = 16) -> str:
+    """A config file for prefixlb in precise mode in front of ``replicas`` (event sources from
+    each replica's /kv_event_sources); returns its path."""
+    import tempfile
+
+    import yaml
+
+    doc = {"listen": {"host": "127.0.0.1", "port": 0},
+           "tiers": [{"name": "default", "replicas": list(replicas),
+                      "precise": {"tokenizer": tokenizer, "block_size": block_size, "discover": True}}]}
+    fd, path = tempfile.mkstemp(prefix="prefixlb-precise-", suffix=".yaml")
+    with os.fdopen(fd, "w") as f:
+        yaml.safe_dump(doc, f)
+    return path
+
+
 def start_target(name: str, replicas: list[str], *, probe: tuple[str, bytes], config: str | None = None,
-                 extra: list[str] | None = None, peer_policy: str = "cache_aware") -> Target:
+                 extra: list[str] | None = None, peer_policy: str = "cache_aware",
+                 precise: dict | None = None) -> Target:
     """Start balancer ``name`` in front of ``replicas`` (peers with ``peer_policy``). Raises
-    RuntimeError (with the reason) when it cannot run here, e.g. a peer that is not installed."""
+    RuntimeError (with the reason) when it cannot run here, e.g. a peer that is not installed.
+    ``precise`` (``tokenizer``, ``block_size``) configures the ``prefixlb-precise`` target."""
     py = sys.executable
+    if name == PRECISE:
+        path = precise_config(replicas, **(precise or {}))
+        argv = [py, "-m", "prefixlb", "serve", "--config", path, "--log-level", "warning"]
+        try:
+            return Target(name, argv + (extra or []), None, probe=probe)
+        finally:
+            os.unlink(path)  # read at start-up
     if name in POLICY_TARGETS:
         argv = [py, "-m", "prefixlb", "serve", "--port", "0", "--policy", POLICY_TARGETS[name], "--log-level", "warning"]
         argv += ["--config", config] if config else [a for u in replicas for a in ("--replica", u)]

@@ -13,7 +13,7 @@ router's hooks do that after dispatch).
   prefill it saves and a queue costs exactly the wait it adds, so affinity, load balance, hot
   prefix replication (when the holder's queue outgrows the saving, the next request goes to a
   second replica, which then holds the prefix too) and cold-prefix spreading (equal costs ->
-  the least-loaded replica, ties broken at random) all follow from one formula, with no
+  the least-loaded replica, ties broken by a hash of the prompt's first blocks) all follow from one formula, with no
   thresholds to tune. A cache-pressure term charges uncached tokens placed on a replica whose
   cache is full for the prefixes they will evict (Preble's eviction cost), so under pressure
   a prefix is copied only when the queue it avoids is worth it.
@@ -105,8 +105,16 @@ def cached_for(matched_blocks: int, prompt_tokens: float, tokens_per_block: floa
     return min(prompt_tokens - 1.0, matched_blocks * tokens_per_block)
 
 
+_U53 = (1 << 53) - 1
+_INV53 = 1.0 / (1 << 53)
+
+
 class CacheAware(Policy):
     name = "cache_aware"
+    # ties are broken by the prompt's first blocks, not a random draw: every balancer instance
+    # (and every worker process) breaks a tie the same way, so a cold prefix lands on the same
+    # replica whichever instance routed it, and different prefixes still spread uniformly
+    key_blocks = 4
 
     def __init__(self, rng: random.Random | None = None, pressure_weight: float = 1.0, tie: float = 0.02,
                  memory: bool = True, congestion: bool = True) -> None:
@@ -114,7 +122,7 @@ class CacheAware(Policy):
         self.pressure_weight = pressure_weight
         self.memory = memory
         self.congestion = congestion
-        self.tie = tie  # costs within this fraction of the best are ties (broken at random)
+        self.tie = tie  # costs within this fraction of the best are ties (broken by the prefix hash)
 
     def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
         tier = candidates[0].tier
@@ -128,7 +136,8 @@ class CacheAware(Policy):
         rid, _cost, ttft, cached = score(
             slab, ids, matches, prompt_tokens, tokens_per_block, now, tier.fixed, tier.inv_rate,
             candidates[0].params.context_weight, tier.mean_ratio, float(candidates[0].params.step_tokens),
-            candidates[0].params.staleness_s, self.pressure_weight, self.tie, self.rng.random(),
+            candidates[0].params.staleness_s, self.pressure_weight, self.tie,
+            (prefix_key & _U53) * _INV53 if prefix_key else self.rng.random(),
             router._out_tokens if router is not None else 0.0, tier.duration if self.memory else 0.0,
             router.congestion(now) if (router is not None and self.congestion) else 0.0,
         )

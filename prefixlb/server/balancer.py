@@ -317,6 +317,9 @@ class Balancer:
             elif path in ("/health", "/healthz", "/ready"):
                 self._need(req, "GET")
                 self._health(req)
+            elif path == "/livez":  # liveness: the process answers, whatever the replicas' state
+                self._need(req, "GET")
+                req.respond_json(200, b'{"status":"alive"}')
             elif path == "/metrics":
                 self._need(req, "GET")
                 req.respond(200, ((b"content-type", CONTENT_TYPE_LATEST.encode()),),
@@ -608,6 +611,11 @@ class Balancer:
             raise errors.Unauthorized("missing or wrong admin bearer token")
         parts = [p for p in req.path.split("/") if p]
         now = self.clock()
+        if parts == ["admin", "route"]:
+            if req.method != "POST":
+                raise errors.MethodNotAllowed("/admin/route takes POST")
+            self._dry_run(req)
+            return
         if parts == ["admin", "replicas"]:
             if req.method == "GET":
                 req.respond_json(200, orjson.dumps([r.describe(now) | self._route_view(r, now)
@@ -657,6 +665,31 @@ class Balancer:
                 req.respond_json(200, orjson.dumps(r.describe(now) | self._route_view(r, now)))
                 return
         raise errors.NotFound(f"no admin route {req.method} {req.path}")
+
+    def _dry_run(self, req: Request) -> None:
+        """``POST /admin/route`` with a completion or chat body (``"chat": false`` for completions):
+        the decision this balancer would make now, without sending anything."""
+        body = _json_object(req.body)
+        chat = body.pop("chat", "messages" in body)
+        model = body.get("model")
+        tier = self._resolve(model if isinstance(model, str) else None)
+        try:
+            key = prompt_key(body, bool(chat))
+            if tier.encoder is not None:
+                key = token_key(tier.encoder.prompt_ids(body, bool(chat)), body)  # type: ignore[attr-defined]
+        except PromptError as exc:
+            raise errors.BadRequest(str(exc)) from None
+        except Exception as exc:  # noqa: BLE001 - the template refused the body
+            raise errors.BadRequest(f"cannot tokenize the prompt: {exc}") from None
+        try:
+            d = tier.router.decide(key, self.clock())
+        except NoReplicaAvailable as exc:
+            raise errors.NoReplicaAvailable(str(exc), headers={"retry-after": "1"}) from None
+        r = self.replicas[d.replica.id]
+        req.respond_json(200, orjson.dumps({
+            "tier": tier.name, "replica": r.id, "url": r.url, "prompt_tokens": d.prompt_tokens,
+            "cached_tokens": d.cached_tokens, "predicted_ttft_ms": round(d.predicted_ttft * 1e3, 3),
+            "precise": tier.router.events is not None}))
 
     def _route_view(self, r: Replica, now: float) -> dict:
         s = self.tiers[r.tier].router.replicas.get(r.id)

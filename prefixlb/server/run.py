@@ -1,23 +1,36 @@
-"""``prefixlb serve``: run a Balancer until SIGINT/SIGTERM, then drain and exit."""
+"""``prefixlb serve``: run a Balancer until SIGINT/SIGTERM, then drain and exit.
+
+``--workers N`` runs N balancer processes on one port (``SO_REUSEPORT``: the kernel spreads
+connections across them), each a complete balancer with its own index and load model. In
+precise mode every worker consumes every replica's KV events, so their indexes agree; their
+load views are their own plus the replicas' scraped queues. The parent only supervises: it
+forwards SIGINT/SIGTERM and exits when the workers have drained.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import logging
+import multiprocessing
+import os
 import signal
+import socket
+import sys
 
 from prefixlb.config import Config
 
 from .balancer import Balancer
 
-__all__ = ["serve_forever", "run"]
+__all__ = ["run", "serve_forever"]
 
 log = logging.getLogger("prefixlb.server")
 
 
-async def serve_forever(config: Config, ready=None) -> None:
+async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False, worker: int | None = None) -> None:
     balancer = Balancer(config)
-    await balancer.start()
+    await balancer.start(reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -26,8 +39,10 @@ async def serve_forever(config: Config, ready=None) -> None:
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
     tiers = ", ".join(f"{t.name} ({len(t.replicas)} replicas)" for t in balancer.tiers.values())
-    log.info("prefixlb listening on http://%s:%d, policy %s, tiers: %s", config.host, balancer.port, config.policy, tiers)
-    print(f"prefixlb listening on http://{config.host}:{balancer.port}", flush=True)
+    who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
+    log.info("prefixlb listening on http://%s:%d%s, policy %s, tiers: %s", config.host, balancer.port, who,
+             config.policy, tiers)
+    print(f"prefixlb listening on http://{config.host}:{balancer.port}{who}", flush=True)
     if ready is not None:
         ready(balancer)
     try:
@@ -37,11 +52,57 @@ async def serve_forever(config: Config, ready=None) -> None:
         await balancer.stop()
 
 
-def run(config: Config) -> int:
+def _run_loop(coro) -> None:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(serve_forever(config))
+        asyncio.run(coro)
     else:
-        uvloop.run(serve_forever(config))
-    return 0
+        uvloop.run(coro)
+
+
+def _worker(config: Config, index: int) -> None:
+    logging.basicConfig(level=logging.getLogger().level or logging.INFO,
+                        format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
+    _run_loop(serve_forever(config, reuse_port=True, worker=index))
+
+
+def run(config: Config, workers: int = 1) -> int:
+    if workers <= 1:
+        _run_loop(serve_forever(config))
+        return 0
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("prefixlb serve: --workers needs SO_REUSEPORT (Linux, BSD, macOS)", file=sys.stderr)
+        return 2
+    # hold the port (bound, not listening) so that port 0 resolves once and every worker shares it
+    family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        holder.bind((config.host, config.port))
+    except OSError as exc:
+        print(f"prefixlb serve: cannot bind {config.host}:{config.port}: {exc}", file=sys.stderr)
+        return 2
+    config = dataclasses.replace(config, port=holder.getsockname()[1])
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker, args=(config, i), name=f"prefixlb-worker-{i}") for i in range(workers)]
+    for p in procs:
+        p.start()
+
+    def forward(signum, _frame) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    try:
+        for p in procs:
+            p.join()
+    finally:
+        holder.close()
+    bad = [p.exitcode for p in procs if p.exitcode not in (0, -signal.SIGTERM)]
+    return 1 if bad else 0

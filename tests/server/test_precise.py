@@ -90,3 +90,43 @@ async def test_precise_index_follows_evictions_and_predicts_what_replicas_report
     a = await run_mode(precise=False)
     # approximate mode believes evicted prefixes are still there
     assert abs(a["predicted"] - a["actual"]) > abs(p["predicted"] - p["actual"]), (a, p)
+
+
+async def test_two_instances_agree_and_dry_run_route() -> None:
+    """Two balancers (as two pods) in front of the same replicas, both following their events:
+    requests alternate between them, and before each one the *other* instance is asked (without
+    sending) where it would route it. They agree because they see the same caches and break
+    ties by the prompt, not by a private random draw."""
+    import orjson
+
+    async with EmulatedFleet(2, **FLEET) as fleet:
+        cfg = config(fleet.urls, precise=True)
+        a, b = Balancer(cfg), Balancer(cfg)
+        await a.start()
+        await b.start()
+        try:
+            bases = [f"http://127.0.0.1:{x.port}" for x in (a, b)]
+            auth = {"authorization": "Bearer t"}
+            docs = documents()
+            rng = random.Random(3)
+            same = total = 0
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+                status, _, _ = await post(s, bases[0] + "/admin/route", {"prompt": "x", "chat": False})
+                assert status == 401  # admin needs the token
+                async with s.get(bases[0] + "/livez") as r:
+                    assert r.status == 200
+                for i in range(40):
+                    prompt = rng.choice(docs) + f" question {i}?"
+                    body = {"model": "auto", "prompt": prompt, "max_tokens": 1}
+                    here, other = bases[i % 2], bases[1 - i % 2]
+                    st1, _, shadow = await post(s, other + "/admin/route", {**body, "chat": False}, headers=auth)
+                    assert st1 == 200, shadow
+                    st2, hdrs, _ = await post(s, here + "/v1/completions", body)
+                    assert st2 == 200
+                    total += 1
+                    same += orjson.loads(shadow)["url"] == hdrs.get("x-prefixlb-replica", hdrs.get("X-Prefixlb-Replica"))
+                    await asyncio.sleep(0.03)
+            assert same / total >= 0.9, (same, total)
+        finally:
+            await a.stop(0.5)
+            await b.stop(0.5)
