@@ -61,7 +61,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"prefixlb serve: {exc}", file=sys.stderr)
         return 2
-    return run(cfg)
+    if args.workers < 1:
+        print("prefixlb serve: --workers must be >= 1", file=sys.stderr)
+        return 2
+    return run(cfg, workers=args.workers)
 
 
 def _cmd_emulate(args: argparse.Namespace) -> int:
@@ -141,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default=None, help="listen address (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="listen port (default 8000)")
     p.add_argument("--admin-token", default=None, help="bearer token for /admin (or PREFIXLB_ADMIN_TOKEN)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="balancer processes sharing the port (SO_REUSEPORT); default 1")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=_cmd_serve)
 
