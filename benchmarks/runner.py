@@ -152,6 +152,25 @@ async def emulator_health(urls: list[str]) -> dict:
     return {"emulator_late_step_share": round(late / steps, 4) if steps else None, "emulator_rebases": int(rebases)}
 
 
+async def prediction_error(base: str) -> dict:
+    """prefixlb's predicted cached tokens against what the replicas reported (its own counters)."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, s.get(base + "/metrics") as r:
+            text = await r.text()
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return {}
+    pred = act = 0.0
+    for line in text.splitlines():
+        if line.startswith("prefixlb_predicted_cached_tokens_total"):
+            pred += float(line.rsplit(" ", 1)[1])
+        elif line.startswith("prefixlb_actual_cached_tokens_total"):
+            act += float(line.rsplit(" ", 1)[1])
+    return {"predicted_cached_tokens": round(pred), "actual_cached_tokens": round(act),
+            "cached_prediction_error": round(abs(pred - act) / act, 4) if act else None}
+
+
 async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -> dict:
     proc = None
     stop_real = None
@@ -183,6 +202,8 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
                 bar.close()
             after = await replica_counters(urls)
             health = await emulator_health(urls) if proc is not None else {}
+            if name in POLICY_TARGETS or name == PRECISE:
+                health.update(await prediction_error(target.url))
         finally:
             target.stop()
     finally:
