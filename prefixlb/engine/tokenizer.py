@@ -24,12 +24,14 @@ import os
 import sys
 from array import array
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 __all__ = [
     "DEFAULT_CHAT_TEMPLATE",
     "ByteTokenizer",
     "CachedEncoder",
+    "Prepared",
     "HFTokenizer",
     "Tokenizer",
     "default_tokenizer",
@@ -302,6 +304,17 @@ def request_prompt_ids(tok: Tokenizer, body: dict[str, Any], chat: bool) -> list
     return tok.encode(got[0], add_special_tokens=got[1])
 
 
+@dataclass(slots=True)
+class Prepared:
+    """A prompt as far as :meth:`CachedEncoder.prepare` could tokenize it without encoding."""
+
+    ids: list[int]  # exact ids of the prompt's start (all of it when ``complete``)
+    total: int  # the prompt's length in tokens (exact when ``complete``, else estimated)
+    complete: bool
+    text: str  # the rendered prompt, for ``finish``
+    special: bool  # add_special_tokens
+
+
 class CachedEncoder:
     """``request_prompt_ids`` for a balancer's hot path: shared prefixes are tokenized once.
 
@@ -339,6 +352,8 @@ class CachedEncoder:
         specials = tok.encode("", add_special_tokens=True)
         self._specials = list(specials)  # what add_special_tokens puts in front (BOS), if anything
         self.chunking = self._self_test()
+        self.tokens_per_char = 0.25  # learned from every full encoding (prepare's estimate of a tail)
+        self._ratio_seen = 0
 
     def _self_test(self) -> bool:
         sample = ("The quick brown fox's 2,048 tokens: don't stop -- naïve café, \"quoted\" (x=42)!\n\n"
@@ -401,6 +416,47 @@ class CachedEncoder:
         if isinstance(got, list):
             return got
         return self.encode(got[0], got[1])
+
+    def prepare(self, body: dict[str, Any], chat: bool) -> Prepared:
+        """What routing needs *now*: the prompt's ids as far as its chunks are already cached (a
+        shared prefix seen before), and an estimate of the total. Encoding the rest -- usually the
+        request's unique tail, which no replica can hold -- is ``finish``'s job, after dispatch.
+
+        A prefix this encoder has not seen yet (or whose chunks it has dropped) is matched only
+        as far as it knows it; the full encoding that follows dispatch fills the cache."""
+        got = prompt_text(self.tok, body, chat)
+        if isinstance(got, list):
+            return Prepared(got, len(got), True, "", False)
+        text, special = got
+        head = self._specials if special else []
+        if not self.chunking or len(text) <= 2 * self.chunk_chars:
+            ids = self.tok.encode(text, add_special_tokens=special)  # short: exact, and cheap
+            return Prepared(ids, len(ids), True, text, special)
+        ids = list(head)
+        cut, cache, n, pos = self._CUT, self._cache, len(text), 0
+        while n - pos > 2 * self.chunk_chars:
+            m = cut.search(text, pos + self.chunk_chars)
+            if m is None:
+                break
+            piece = cache.get(text[pos:m.start()])
+            if piece is None:
+                break
+            ids += piece
+            pos = m.start()
+        est = len(ids) + round((n - pos) * self.tokens_per_char)
+        return Prepared(ids, est, False, text, special)
+
+    def finish(self, p: Prepared) -> list[int]:
+        """The exact ids of a prepared prompt (run it off the event loop: ``tokenizers`` releases
+        the GIL while it encodes); fills the chunk cache and the tokens-per-character estimate."""
+        if p.complete:
+            return p.ids
+        ids = self.encode(p.text, p.special)
+        if p.text:
+            ratio = len(ids) / len(p.text)
+            self._ratio_seen += 1
+            self.tokens_per_char += (ratio - self.tokens_per_char) / min(self._ratio_seen, 20)
+        return ids
 
 
 def default_tokenizer() -> ByteTokenizer:

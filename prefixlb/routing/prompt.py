@@ -118,11 +118,12 @@ def _ids_bytes(ids: Sequence[Any], where: str) -> bytes:
         raise PromptError(f"{where} must be a list of token ids (non-negative integers)") from exc
 
 
-def token_key(ids: Sequence[int], body: Mapping[str, Any]) -> PromptKey:
+def token_key(ids: Sequence[int], body: Mapping[str, Any], total_tokens: int | None = None) -> PromptKey:
     """The prompt key of a prompt already turned into the replica's token ids (precise mode):
-    4 bytes per token, so an index block of ``4 * block_size`` bytes is one vLLM block."""
+    4 bytes per token, so an index block of ``4 * block_size`` bytes is one vLLM block.
+    ``ids`` may be the prompt's start only, with ``total_tokens`` its (estimated) length."""
     data = _ids_bytes(ids, "prompt token ids")
-    return PromptKey(data, _seed(body), len(data), token_ids=len(ids))
+    return PromptKey(data, _seed(body), len(data), token_ids=max(len(ids), total_tokens or 0))
 
 
 def prompt_key(body: Mapping[str, Any], chat: bool) -> PromptKey:

@@ -274,6 +274,20 @@ class TierRouter:
             if self.events is not None:
                 self.events.speculate(r.id, d.chain)
 
+    def extend(self, d: Decision, chain: Sequence[int], now: float | None = None) -> None:
+        """The prompt's full chain became known after dispatch (precise mode tokenizes a prompt's
+        unseen tail off the request path): hold it on the replica like the dispatched part."""
+        if not d.inserted or d.replica.id not in self.replicas or len(chain) <= len(d.chain):
+            return
+        now = self.clock() if now is None else now
+        rid = d.replica.id
+        self.index.insert(rid, chain)
+        d.chain = chain
+        if self.events is not None:
+            self.events.speculate(rid, chain)
+            if d.first_token_at is not None or d.closed:
+                self.events.settle(rid, chain, now)
+
     def first_token(self, d: Decision, now: float | None = None) -> None:
         """The first response byte arrived: the prefill is done; learn the TTFT."""
         if d.first_token_at is not None or d.dispatched_at is None:

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import time
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from prefixlb import errors
 from prefixlb.config import Config, ConfigError, check_url
 from prefixlb.fleet.breaker import BreakerConfig
+from prefixlb.index import block_hashes as index_block_hashes
 from prefixlb.fleet.kv_events import AllCleared, EventSource, KVEventSubscriber, Removed, Stored
 from prefixlb.fleet.kv_events import sources_from_kv_event_sources
 from prefixlb.fleet.monitor import FleetMonitor, fetch_json, fetch_models
@@ -95,6 +97,7 @@ class Balancer:
         self._next_id = 0
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
         self._event_sources: list[EventSource] = []
+        self._tok_pool = None
         self.events: KVEventSubscriber | None = None
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
@@ -156,6 +159,8 @@ class Balancer:
         await self.monitor.stop()
         if self.events is not None:
             await self.events.close()
+        if self._tok_pool is not None:
+            self._tok_pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def _learn_models(self) -> None:
@@ -409,14 +414,16 @@ class Balancer:
             key = prompt_key(body, chat)
         except PromptError as exc:
             raise errors.BadRequest(str(exc), param="messages" if chat else "prompt") from None
+        prepared = None
         if tier.encoder is not None:
             try:
-                key = token_key(tier.encoder.prompt_ids(body, chat), body)  # type: ignore[attr-defined]
+                prepared = tier.encoder.prepare(body, chat)  # type: ignore[attr-defined]
+                key = token_key(prepared.ids, body, total_tokens=prepared.total)
             except Exception as exc:  # noqa: BLE001 - a template the request breaks: the replica will say why
                 self.metrics.precise_fallbacks.inc((tier.name,))
                 log.debug("precise mode: cannot tokenize a request (%s); routing on its text", exc)
         started = time.perf_counter()
-        await self._forward(req, tier, body, model, key, stream, started)
+        await self._forward(req, tier, body, model, key, stream, started, prepared)
 
     def _upstream_body(self, req: Request, body: dict, model: str | None, replica: Replica, tier: Tier) -> bytes:
         target = tier.model or (min(replica.models) if replica.models else None)
@@ -426,7 +433,7 @@ class Balancer:
         return orjson.dumps(body)
 
     async def _forward(self, req: Request, tier: Tier, body: dict, model: str | None, key, stream: bool,
-                       started: float) -> None:
+                       started: float, prepared=None) -> None:
         router = tier.router
         cfg = self.config
         mt = body.get("max_tokens", body.get("max_completion_tokens"))
@@ -455,6 +462,8 @@ class Balancer:
             self.metrics.decision_seconds.observe((tier.name,), d.decision_s)
             ub = self._upstream_body(req, body, model, replica, tier)
             router.dispatched(d, now)
+            if prepared is not None and not prepared.complete:
+                self._finish_tokens(tier, d, prepared, key.seed)
             outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key)
             if outcome is None:
                 return
@@ -576,6 +585,29 @@ class Balancer:
                 pass
             return None
         return _usage_from_sse_tail(prev[-8192:] + last)
+
+    def _finish_tokens(self, tier: Tier, d: Decision, prepared, seed: int) -> None:
+        """Precise mode: encode the prompt's unseen tail in the tokenizer thread (``tokenizers``
+        releases the GIL), then hold the full chain on the chosen replica."""
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self._tokenizer_pool(), tier.encoder.finish, prepared)  # type: ignore[attr-defined]
+
+        def done(f: asyncio.Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                return
+            ids = f.result()
+            chain = index_block_hashes(array("I", ids).tobytes(), tier.router.block_bytes, seed)
+            tier.router.extend(d, chain)
+
+        fut.add_done_callback(done)
+
+    def _tokenizer_pool(self):
+        if self._tok_pool is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            # one thread: the encoders' chunk caches have a single writer
+            self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="prefixlb-tokenize")
+        return self._tok_pool
 
     def _replica_failed(self, replica: Replica, why: str) -> None:
         replica.breaker.record(False, self.clock())
