@@ -15,6 +15,7 @@ this handler) releases everything it held.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import itertools
 import logging
@@ -730,6 +731,37 @@ class Balancer:
         return {"inflight": s.inflight, "backlog_tokens": round(s.backlog(now), 1),
                 "prefill_tokens_per_s": round(s.prefill_rate, 1), "capacity_tokens": s.capacity_tokens}
 
+    # -- the replica set at run time (admin API, discovery, config reload) -----------------------
+
+    def add_replica(self, tier_name: str, url: str, capacity_tokens: int | None = None,
+                    kv_events: EventSource | None = None) -> Replica:
+        """Start routing to a new replica of ``tier_name`` (its models and capacity are learned
+        from its /v1/models and /metrics). Raises KeyError for an unknown tier, ValueError for a
+        URL that is already a replica."""
+        tier = self.tiers[tier_name]
+        if any(r.url == url for r in self.replicas.values()):
+            raise ValueError(f"{url} is already a replica")
+        r = self._add_replica(tier, url, capacity_tokens)
+        loop = asyncio.get_running_loop()
+        loop.create_task(self._learn_models_of(r))
+        if kv_events is not None and self.events is not None:
+            self.events.add_source(dataclasses.replace(kv_events, replica_id=r.id))
+        return r
+
+    def remove_replica(self, url: str) -> Replica | None:
+        """Drain the replica at ``url`` (no new work) and drop it once its requests finish (or
+        after the drain timeout). Returns it, or None if it is not a replica."""
+        r = next((x for x in self.replicas.values() if x.url == url), None)
+        if r is None:
+            return None
+        r.draining = True
+        self._sync(r)
+        asyncio.get_running_loop().create_task(self._remove_when_idle(r))
+        return r
+
+    async def _learn_models_of(self, r: Replica) -> None:
+        r.models |= await fetch_models(self.monitor.session, r.url, self.config.health_timeout_s * 2)
+
     async def _remove_when_idle(self, r: Replica) -> None:
         tier = self.tiers[r.tier]
         deadline = self.clock() + self.config.drain_timeout_s
@@ -741,6 +773,8 @@ class Balancer:
         tier.router.remove_replica(r.id)
         tier.replicas.pop(r.id, None)
         self.replicas.pop(r.id, None)
+        if self.events is not None:
+            self.events.remove_source(r.id)
         pool = self.pools.pop(r.id, None)
         if pool is not None:
             await pool.close()
