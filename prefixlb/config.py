@@ -91,6 +91,34 @@ class TierConfig:
 
 
 @dataclass(frozen=True)
+class KubernetesDiscoveryConfig:
+    namespace: str
+    label_selector: str
+    port: int
+    tier: str | None = None
+    tier_label: str | None = None
+    scheme: str = "http"
+    api: str | None = None  # API server URL; default in-cluster, then ~/.kube/config
+
+
+@dataclass(frozen=True)
+class DNSDiscoveryConfig:
+    name: str
+    tier: str
+    port: int | None = None  # None: SRV records give the ports
+    interval_s: float = 5.0
+    scheme: str = "http"
+    nameservers: tuple[str, ...] = ()
+    nameserver_port: int = 53
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    kubernetes: tuple[KubernetesDiscoveryConfig, ...] = ()
+    dns: tuple[DNSDiscoveryConfig, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
     host: str = "127.0.0.1"
@@ -118,6 +146,7 @@ class Config:
     breaker_failure_threshold: int = 5
     breaker_open_s: float = 5.0
     drain_timeout_s: float = 30.0
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
 
     @property
     def default(self) -> str:
@@ -233,14 +262,14 @@ def _precise(obj: Any, path: str) -> PreciseConfig | None:
     )
 
 
-def _tier(obj: Any, path: str) -> TierConfig:
+def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
     m = _keys(obj, path, ("name", "model", "price", "replicas", "cost", "precise"))
     name = _str(m, "name", path, None)
     if name is None:
         raise ConfigError(f"{path}.name: required")
-    reps = m.get("replicas")
-    if not isinstance(reps, list) or not reps:
-        raise ConfigError(f"{path}.replicas: must be a non-empty list of URLs")
+    reps = m.get("replicas", [] if discovered else None)
+    if not isinstance(reps, list) or (not reps and not discovered):
+        raise ConfigError(f"{path}.replicas: must be a non-empty list of URLs (or configure discovery)")
     replicas = tuple(_replica(r, f"{path}.replicas[{i}]") for i, r in enumerate(reps))
     seen = set()
     for i, r in enumerate(replicas):
@@ -267,7 +296,55 @@ def _tier(obj: Any, path: str) -> TierConfig:
     )
 
 
-_TOP = ("listen", "tiers", "routing", "admin", "limits", "timeouts", "retries", "health", "scrape", "breaker")
+_TOP = ("listen", "tiers", "routing", "admin", "limits", "timeouts", "retries", "health", "scrape", "breaker",
+        "discovery")
+
+
+def _discovery(obj: Any) -> DiscoveryConfig:
+    m = _keys(obj, "discovery", ("kubernetes", "dns"))
+    kube, dns = [], []
+    for key, out in (("kubernetes", kube), ("dns", dns)):
+        items = m.get(key, [])
+        if isinstance(items, Mapping):
+            items = [items]
+        if not isinstance(items, list):
+            raise ConfigError(f"discovery.{key}: must be a list of sources")
+        for i, it in enumerate(items):
+            p = f"discovery.{key}[{i}]"
+            if key == "kubernetes":
+                k = _keys(it, p, ("namespace", "label_selector", "port", "tier", "tier_label", "scheme", "api"))
+                for req in ("namespace", "label_selector", "port"):
+                    if req not in k:
+                        raise ConfigError(f"{p}.{req}: required")
+                tier, label = _str(k, "tier", p, None), _str(k, "tier_label", p, None)
+                if (tier is None) == (label is None):
+                    raise ConfigError(f"{p}: give exactly one of tier (a fixed tier) and tier_label (a pod label)")
+                api = k.get("api")
+                out.append(KubernetesDiscoveryConfig(
+                    namespace=_str(k, "namespace", p, None), label_selector=_str(k, "label_selector", p, None),
+                    port=_num(k, "port", p, None, lo=1, hi=65535, integer=True), tier=tier, tier_label=label,
+                    scheme=_scheme(k, p), api=None if api is None else check_url(api, f"{p}.api")))
+            else:
+                d = _keys(it, p, ("name", "tier", "port", "interval_s", "scheme", "nameservers", "nameserver_port"))
+                for req in ("name", "tier"):
+                    if req not in d:
+                        raise ConfigError(f"{p}.{req}: required")
+                ns = d.get("nameservers", [])
+                if not isinstance(ns, list) or not all(isinstance(x, str) for x in ns):
+                    raise ConfigError(f"{p}.nameservers: must be a list of IP addresses")
+                out.append(DNSDiscoveryConfig(
+                    name=_str(d, "name", p, None), tier=_str(d, "tier", p, None),
+                    port=_num(d, "port", p, None, lo=1, hi=65535, integer=True),
+                    interval_s=_num(d, "interval_s", p, 5.0, lo=0.05), scheme=_scheme(d, p), nameservers=tuple(ns),
+                    nameserver_port=_num(d, "nameserver_port", p, 53, lo=1, hi=65535, integer=True)))
+    return DiscoveryConfig(tuple(kube), tuple(dns))
+
+
+def _scheme(m: Mapping[str, Any], path: str) -> str:
+    v = m.get("scheme", "http")
+    if v not in ("http", "https"):
+        raise ConfigError(f"{path}.scheme: must be http or https, got {v!r}")
+    return v
 
 
 def parse_config(raw: Any, source: str = "config") -> Config:
@@ -288,8 +365,16 @@ def parse_config(raw: Any, source: str = "config") -> Config:
     tiers_raw = top.get("tiers")
     if not isinstance(tiers_raw, list) or not tiers_raw:
         raise ConfigError("tiers: required, a non-empty list of tiers (cheapest first)")
-    tiers = tuple(_tier(t, f"tiers[{i}]") for i, t in enumerate(tiers_raw))
+    discovery = _discovery(top.get("discovery"))
+    discovered = bool(discovery.kubernetes or discovery.dns)
+    tiers = tuple(_tier(t, f"tiers[{i}]", discovered) for i, t in enumerate(tiers_raw))
     names = [t.name for t in tiers]
+    for i, d in enumerate(discovery.dns):
+        if d.tier not in names:
+            raise ConfigError(f"discovery.dns[{i}].tier: {d.tier!r} is not a tier (tiers: {', '.join(names)})")
+    for i, k in enumerate(discovery.kubernetes):
+        if k.tier is not None and k.tier not in names:
+            raise ConfigError(f"discovery.kubernetes[{i}].tier: {k.tier!r} is not a tier (tiers: {', '.join(names)})")
     for i, n in enumerate(names):
         if n in names[:i]:
             raise ConfigError(f"tiers[{i}].name: {n!r} is used twice")
@@ -341,6 +426,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         scrape_timeout_s=_num(scrape, "timeout_s", "scrape", 1.0, lo=0.01),
         breaker_failure_threshold=_num(breaker, "failure_threshold", "breaker", 5, lo=1, integer=True),
         breaker_open_s=_num(breaker, "open_s", "breaker", 5.0, lo=0.01),
+        discovery=discovery,
     )
 
 

@@ -99,6 +99,8 @@ class Balancer:
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
         self._event_sources: list[EventSource] = []
         self._tok_pool = None
+        self._discovery_sources: list = []
+        self.discovery = None  # Reconciler when discovery is configured
         self.events: KVEventSubscriber | None = None
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
@@ -143,6 +145,7 @@ class Balancer:
         await self.monitor.start()
         await self._learn_models()
         await self._start_events()
+        await self._start_discovery()
         await self.server.serve(host or self.config.host, self.config.port if port is None else port,
                                 sock=sock, reuse_port=reuse_port)
         self._ticker = asyncio.create_task(self._tick(), name="prefixlb-eligibility")
@@ -162,6 +165,8 @@ class Balancer:
             await self.events.close()
         if self._tok_pool is not None:
             self._tok_pool.shutdown(wait=False, cancel_futures=True)
+        for src in self._discovery_sources:
+            await src.stop()
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def _learn_models(self) -> None:
@@ -170,6 +175,27 @@ class Balancer:
                                          for r in self.replicas.values()))
         for r, models in zip(list(self.replicas.values()), results):
             r.models |= models
+
+    # -- discovery -------------------------------------------------------------------------------
+
+    async def _start_discovery(self) -> None:
+        d = self.config.discovery
+        if not d.kubernetes and not d.dns:
+            return
+        from prefixlb.fleet.discovery import DNSRecords, KubernetesPods, Reconciler
+
+        static = {r.url for t in self.config.tiers for r in t.replicas}
+        self.discovery = Reconciler(lambda tier, url: self.add_replica(tier, url), self.remove_replica, static)
+        for i, k in enumerate(d.kubernetes):
+            self._discovery_sources.append(KubernetesPods(
+                k.namespace, k.label_selector, k.port, tier=k.tier, tier_label=k.tier_label, scheme=k.scheme,
+                host=k.api, name=f"kubernetes[{i}]"))
+        for i, n in enumerate(d.dns):
+            self._discovery_sources.append(DNSRecords(
+                n.name, n.tier, port=n.port, interval=n.interval_s, scheme=n.scheme, nameservers=n.nameservers,
+                nameserver_port=n.nameserver_port, source=f"dns[{i}]"))
+        for src in self._discovery_sources:
+            await src.start(self.discovery.update)
 
     # -- precise mode: KV events -------------------------------------------------------------------
 
