@@ -27,44 +27,63 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
+def _serve_config(args: argparse.Namespace):
+    """The balancer's configuration from ``prefixlb serve``'s flags (raises ConfigError)."""
     import dataclasses
-    import logging
     import os
 
     from prefixlb.config import ConfigError, config_from_flags, load_config
+
+    if args.config:
+        cfg = load_config(args.config)
+        if args.replica:
+            raise ConfigError("--replica: give replicas in the config file or as flags, not both")
+    else:
+        cfg = config_from_flags(args.replica, policy=args.policy or "cache_aware")
+    changes = {}
+    if args.policy and args.config:
+        from prefixlb.routing import POLICIES
+
+        if args.policy not in POLICIES:
+            raise ConfigError(f"--policy: unknown policy {args.policy!r} (choose one of {', '.join(POLICIES)})")
+        changes["policy"] = args.policy
+    if args.host:
+        changes["host"] = args.host
+    if args.port is not None:
+        changes["port"] = args.port
+    token = args.admin_token or os.environ.get("PREFIXLB_ADMIN_TOKEN")
+    if token:
+        changes["admin_token"] = token
+    return dataclasses.replace(cfg, **changes)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import functools
+
+    from prefixlb.config import ConfigError
     from prefixlb.server.run import run
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log_setup = functools.partial(_log_setup, args.log_level, args.log_format, args.access_log)
+    log_setup(None)
     try:
-        if args.config:
-            cfg = load_config(args.config)
-            if args.replica:
-                raise ConfigError("--replica: give replicas in the config file or as flags, not both")
-        else:
-            cfg = config_from_flags(args.replica, policy=args.policy or "cache_aware")
-        changes = {}
-        if args.policy and args.config:
-            from prefixlb.routing import POLICIES
-
-            if args.policy not in POLICIES:
-                raise ConfigError(f"--policy: unknown policy {args.policy!r} (choose one of {', '.join(POLICIES)})")
-            changes["policy"] = args.policy
-        if args.host:
-            changes["host"] = args.host
-        if args.port is not None:
-            changes["port"] = args.port
-        token = args.admin_token or os.environ.get("PREFIXLB_ADMIN_TOKEN")
-        if token:
-            changes["admin_token"] = token
-        cfg = dataclasses.replace(cfg, **changes)
+        cfg = _serve_config(args)
     except ConfigError as exc:
         print(f"prefixlb serve: {exc}", file=sys.stderr)
         return 2
     if args.workers < 1:
         print("prefixlb serve: --workers must be >= 1", file=sys.stderr)
         return 2
-    return run(cfg, workers=args.workers)
+    # SIGHUP / POST /admin/reload re-read the file with the same flags (picklable for workers)
+    keep = argparse.Namespace(config=args.config, replica=args.replica, policy=args.policy, host=args.host,
+                              port=args.port, admin_token=args.admin_token)
+    reload = functools.partial(_serve_config, keep) if args.config else None
+    return run(cfg, workers=args.workers, reload=reload, log_setup=log_setup)
+
+
+def _log_setup(level: str, fmt: str, access_log: bool, worker: int | None) -> None:
+    from prefixlb.logs import setup_logging
+
+    setup_logging(level, fmt, access_log, worker)
 
 
 def _cmd_emulate(args: argparse.Namespace) -> int:
@@ -147,6 +166,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=1,
                    help="balancer processes sharing the port (SO_REUSEPORT); default 1")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-format", default="text", choices=["text", "json"],
+                   help="text (default) or one JSON object per line")
+    p.add_argument("--access-log", action="store_true",
+                   help="one log line per request (request id, tier, replica, status, duration, cached tokens)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("bench", help="the prefix-hit benchmark: every policy and peer router on the same fleet",

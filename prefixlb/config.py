@@ -123,6 +123,8 @@ class Config:
     tiers: tuple[TierConfig, ...]
     host: str = "127.0.0.1"
     port: int = 8000
+    tls_cert: str | None = None  # PEM certificate chain: serve HTTPS
+    tls_key: str | None = None
     policy: str = "cache_aware"
     default_tier: str | None = None
     block_bytes: int = 64
@@ -350,7 +352,13 @@ def _scheme(m: Mapping[str, Any], path: str) -> str:
 def parse_config(raw: Any, source: str = "config") -> Config:
     """Validate a parsed YAML document into a Config."""
     top = _keys(raw, source, _TOP)
-    listen = _keys(top.get("listen"), "listen", ("host", "port"))
+    listen = _keys(top.get("listen"), "listen", ("host", "port", "tls_cert", "tls_key"))
+    tls_cert, tls_key = _str(listen, "tls_cert", "listen", None), _str(listen, "tls_key", "listen", None)
+    if (tls_cert is None) != (tls_key is None):
+        raise ConfigError("listen.tls_key: tls_cert and tls_key go together")
+    for k, v in (("tls_cert", tls_cert), ("tls_key", tls_key)):
+        if v is not None and not os.path.isfile(v):
+            raise ConfigError(f"listen.{k}: no such file {v!r}")
     routing = _keys(top.get("routing"), "routing",
                     ("policy", "default_tier", "block_bytes", "bytes_per_token", "pressure_weight", "seed"))
     admin = _keys(top.get("admin"), "admin", ("token", "token_env"))
@@ -403,6 +411,8 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         tiers=tiers,
         host=_str(listen, "host", "listen", "127.0.0.1"),
         port=port,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
         policy=policy,
         default_tier=default_tier,
         block_bytes=_num(routing, "block_bytes", "routing", 64, lo=4, hi=65536, integer=True),

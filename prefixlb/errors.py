@@ -85,6 +85,11 @@ class MethodNotAllowed(ClientError):
     type = "method_not_allowed"
 
 
+class Conflict(ClientError):
+    status = 409
+    type = "conflict"
+
+
 class PayloadTooLarge(ClientError):
     status = 413
     type = "request_too_large"

@@ -57,6 +57,7 @@ from .metrics import BalancerMetrics
 __all__ = ["Balancer"]
 
 log = logging.getLogger("prefixlb.server")
+access = logging.getLogger("prefixlb.access")  # one line per request when --access-log is on
 
 _JSON = (b"content-type", b"application/json")
 # request ids for upstream calls that came without one: a per-process random prefix and a counter
@@ -99,6 +100,7 @@ class Balancer:
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
         self._event_sources: list[EventSource] = []
         self._tok_pool = None
+        self.config_source: Callable[[], Config] | None = None  # re-reads the config file (reload)
         self._discovery_sources: list = []
         self.discovery = None  # Reconciler when discovery is configured
         self.events: KVEventSubscriber | None = None
@@ -146,8 +148,14 @@ class Balancer:
         await self._learn_models()
         await self._start_events()
         await self._start_discovery()
+        ssl_ctx = None
+        if self.config.tls_cert:
+            import ssl
+
+            ssl_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            ssl_ctx.load_cert_chain(self.config.tls_cert, self.config.tls_key)
         await self.server.serve(host or self.config.host, self.config.port if port is None else port,
-                                sock=sock, reuse_port=reuse_port)
+                                sock=sock, reuse_port=reuse_port, ssl=ssl_ctx)
         self._ticker = asyncio.create_task(self._tick(), name="prefixlb-eligibility")
 
     @property
@@ -175,6 +183,52 @@ class Balancer:
                                          for r in self.replicas.values()))
         for r, models in zip(list(self.replicas.values()), results):
             r.models |= models
+
+    # -- configuration reload (SIGHUP, POST /admin/reload) -----------------------------------------
+
+    def reload(self, new: Config) -> dict:
+        """Apply a re-read configuration without dropping a connection: static replicas added and
+        drained away, prices, timeouts, retries, limits, admin token. What cannot change live
+        (listen address, TLS, tiers, policy, precise mode, discovery) is reported, not applied."""
+        old = self.config
+        restart = [k for k in ("host", "port", "tls_cert", "tls_key", "policy", "discovery")
+                   if getattr(old, k) != getattr(new, k)]
+        if [t.name for t in old.tiers] != [t.name for t in new.tiers]:
+            restart.append("tiers (names or order)")
+        added, removed = [], []
+        for t in new.tiers:
+            tier = self.tiers.get(t.name)
+            if tier is None:
+                continue
+            prev = next((x for x in old.tiers if x.name == t.name), None)
+            if prev is not None and prev.precise != t.precise:
+                restart.append(f"tiers[{t.name}].precise")
+            tier.input_per_mtok, tier.output_per_mtok = t.input_per_mtok, t.output_per_mtok
+            want = {r.url: r for r in t.replicas}
+            have = {r.url for r in prev.replicas} if prev is not None else set()
+            for url in have - set(want):
+                if self.remove_replica(url) is not None:
+                    removed.append(url)
+            for url in set(want) - have:
+                rc = want[url]
+                ev = None
+                if rc.kv_events is not None:
+                    e = rc.kv_events
+                    ev = EventSource(-1, e.endpoint, e.topic, e.replay_endpoint, e.bind)
+                try:
+                    self.add_replica(t.name, url, rc.capacity_tokens, ev)
+                    added.append(url)
+                except ValueError:
+                    pass
+        keep = {k: getattr(old, k) for k in ("host", "port", "tls_cert", "tls_key", "policy", "discovery")}
+        self.config = dataclasses.replace(new, **keep, tiers=tuple(
+            t if t.name in self.tiers else next(x for x in old.tiers if x.name == t.name)
+            for t in new.tiers if t.name in self.tiers))
+        self.server.limits = dataclasses.replace(self.server.limits, max_body_bytes=new.max_body_bytes,
+                                                 max_header_bytes=new.max_header_bytes)
+        summary = {"added": added, "removed": removed, "needs_restart": restart}
+        log.info("prefixlb: configuration reloaded: %s", summary)
+        return summary
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -539,6 +593,8 @@ class Balancer:
                             prompt_text_bytes=key.text_bytes if key.token_ids is None else None)
             closed = True
             self._account(tier, replica, d, usage, started, status)
+            if not access.disabled:
+                self._access(req, headers, tier, replica, d, usage, started, status)
             return None
         finally:
             if resp is not None:
@@ -636,6 +692,18 @@ class Balancer:
             self._tok_pool = ThreadPoolExecutor(1, thread_name_prefix="prefixlb-tokenize")
         return self._tok_pool
 
+    def _access(self, req, headers, tier: Tier, replica: Replica, d: Decision, usage: dict | None, started: float,
+                status: int) -> None:
+        rid = next((v for k, v in headers if k == b"x-request-id"), b"").decode("latin-1")
+        details = (usage or {}).get("prompt_tokens_details") or {}
+        access.info("%s %s %d %s", req.method, req.path, status, replica.url, extra={
+            "request_id": rid, "tier": tier.name, "replica": replica.url, "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1e3, 2), "attempts": len(d.attempts),
+            "predicted_cached_tokens": d.cached_tokens,
+            "cached_tokens": details.get("cached_tokens") if isinstance(details, dict) else None,
+            "prompt_tokens": (usage or {}).get("prompt_tokens"),
+            "completion_tokens": (usage or {}).get("completion_tokens")})
+
     def _replica_failed(self, replica: Replica, why: str) -> None:
         replica.breaker.record(False, self.clock())
         replica.last_error = why
@@ -670,6 +738,17 @@ class Balancer:
             raise errors.Unauthorized("missing or wrong admin bearer token")
         parts = [p for p in req.path.split("/") if p]
         now = self.clock()
+        if parts == ["admin", "reload"]:
+            if req.method != "POST":
+                raise errors.MethodNotAllowed("/admin/reload takes POST")
+            if self.config_source is None:
+                raise errors.Conflict("no configuration file to reload (started from --replica flags)")
+            try:
+                summary = self.reload(self.config_source())
+            except ConfigError as exc:
+                raise errors.BadRequest(f"the configuration file is invalid, nothing changed: {exc}") from None
+            req.respond_json(200, orjson.dumps(summary))
+            return
         if parts == ["admin", "route"]:
             if req.method != "POST":
                 raise errors.MethodNotAllowed("/admin/route takes POST")

@@ -18,8 +18,9 @@ import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 
-from prefixlb.config import Config
+from prefixlb.config import Config, ConfigError
 
 from .balancer import Balancer
 
@@ -28,8 +29,10 @@ __all__ = ["run", "serve_forever"]
 log = logging.getLogger("prefixlb.server")
 
 
-async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False, worker: int | None = None) -> None:
+async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False, worker: int | None = None,
+                        reload: Callable[[], Config] | None = None) -> None:
     balancer = Balancer(config)
+    balancer.config_source = reload
     await balancer.start(reuse_port=reuse_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -38,11 +41,24 @@ async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False,
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # not the main thread
             pass
+
+    def on_hup() -> None:
+        if reload is None:
+            log.warning("prefixlb: SIGHUP ignored: started without a configuration file")
+            return
+        try:
+            balancer.reload(reload())
+        except ConfigError as exc:
+            log.error("prefixlb: SIGHUP: the configuration file is invalid, nothing changed: %s", exc)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, AttributeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
     tiers = ", ".join(f"{t.name} ({len(t.replicas)} replicas)" for t in balancer.tiers.values())
     who = "" if worker is None else f" (worker {worker}, pid {os.getpid()})"
-    log.info("prefixlb listening on http://%s:%d%s, policy %s, tiers: %s", config.host, balancer.port, who,
+    scheme = "https" if config.tls_cert else "http"
+    log.info("prefixlb listening on %s://%s:%d%s, policy %s, tiers: %s", scheme, config.host, balancer.port, who,
              config.policy, tiers)
-    print(f"prefixlb listening on http://{config.host}:{balancer.port}{who}", flush=True)
+    print(f"prefixlb listening on {scheme}://{config.host}:{balancer.port}{who}", flush=True)
     if ready is not None:
         ready(balancer)
     try:
@@ -61,16 +77,19 @@ def _run_loop(coro) -> None:
         uvloop.run(coro)
 
 
-def _worker(config: Config, index: int) -> None:
-    logging.basicConfig(level=logging.getLogger().level or logging.INFO,
-                        format=f"%(asctime)s %(levelname)s %(name)s[w{index}]: %(message)s")
+def _worker(config: Config, index: int, reload, log_setup) -> None:
+    if log_setup is not None:
+        log_setup(index)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
-    _run_loop(serve_forever(config, reuse_port=True, worker=index))
+    _run_loop(serve_forever(config, reuse_port=True, worker=index, reload=reload))
 
 
-def run(config: Config, workers: int = 1) -> int:
+def run(config: Config, workers: int = 1, reload: Callable[[], Config] | None = None,
+        log_setup: Callable[[int | None], None] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. ``reload`` re-reads the configuration (SIGHUP, POST
+    /admin/reload); ``log_setup(worker)`` configures logging in each process (picklable)."""
     if workers <= 1:
-        _run_loop(serve_forever(config))
+        _run_loop(serve_forever(config, reload=reload))
         return 0
     if not hasattr(socket, "SO_REUSEPORT"):
         print("prefixlb serve: --workers needs SO_REUSEPORT (Linux, BSD, macOS)", file=sys.stderr)
@@ -87,7 +106,8 @@ def run(config: Config, workers: int = 1) -> int:
         return 2
     config = dataclasses.replace(config, port=holder.getsockname()[1])
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config, i), name=f"prefixlb-worker-{i}") for i in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(config, i, reload, log_setup), name=f"prefixlb-worker-{i}")
+             for i in range(workers)]
     for p in procs:
         p.start()
 
@@ -97,8 +117,15 @@ def run(config: Config, workers: int = 1) -> int:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)
 
+    def hup(signum, _frame) -> None:
+        for p in procs:
+            if p.pid and p.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p.pid, signal.SIGHUP)
+
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGHUP, hup)
     try:
         for p in procs:
             p.join()

@@ -773,16 +773,19 @@ class HTTPServer:
         reuse_port: bool = False,
         sock: socket.socket | None = None,
         backlog: int = 1024,
+        ssl: Any = None,
     ) -> asyncio.Server:
-        """Start listening (``port=0``: an ephemeral port, see ``port``); returns the asyncio.Server."""
+        """Start listening (``port=0``: an ephemeral port, see ``port``); returns the asyncio.Server.
+        ``ssl``: an ``ssl.SSLContext`` to serve HTTPS."""
         if self._server is not None:
             raise RuntimeError("HTTPServer.serve() called twice")
         self.loop = asyncio.get_running_loop()
         if sock is not None:
-            self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog)
+            self._server = await self.loop.create_server(lambda: _Connection(self), sock=sock, backlog=backlog,
+                                                         ssl=ssl)
         else:
             self._server = await self.loop.create_server(
-                lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=backlog
+                lambda: _Connection(self), host, port, reuse_port=reuse_port or None, backlog=backlog, ssl=ssl
             )
         return self._server
 
