@@ -114,7 +114,8 @@ def _bin(name: str) -> str | None:
     return str(here) if here.exists() else shutil.which(name)
 
 
-def precise_config(replicas: list[str], *, tokenizer: str = "byte", block_size: int = 16) -> str:
+def precise_config(replicas: list[str], *, tokenizer: str = "byte", block_size: int = 16,
+                   extra: dict | None = None) -> str:
     """A config file for prefixlb in precise mode in front of ``replicas`` (event sources from
     each replica's /kv_event_sources); returns its path."""
     import tempfile
@@ -123,7 +124,8 @@ def precise_config(replicas: list[str], *, tokenizer: str = "byte", block_size: 
 
     doc = {"listen": {"host": "127.0.0.1", "port": 0},
            "tiers": [{"name": "default", "replicas": list(replicas),
-                      "precise": {"tokenizer": tokenizer, "block_size": block_size, "discover": True}}]}
+                      "precise": {"tokenizer": tokenizer, "block_size": block_size, "discover": True}}],
+           **(extra or {})}
     fd, path = tempfile.mkstemp(prefix="prefixlb-precise-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(doc, f)

@@ -119,6 +119,14 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class PeersConfig:
+    """Peer sync between balancer instances (prefixlb.server.peers)."""
+
+    listen: str  # ZMQ endpoint this instance publishes on, e.g. tcp://0.0.0.0:5600
+    connect: tuple[str, ...] = ()  # every other instance's endpoint
+
+
+@dataclass(frozen=True)
 class Config:
     tiers: tuple[TierConfig, ...]
     host: str = "127.0.0.1"
@@ -149,6 +157,7 @@ class Config:
     breaker_open_s: float = 5.0
     drain_timeout_s: float = 30.0
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    peers: PeersConfig | None = None
 
     @property
     def default(self) -> str:
@@ -299,7 +308,7 @@ def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
 
 
 _TOP = ("listen", "tiers", "routing", "admin", "limits", "timeouts", "retries", "health", "scrape", "breaker",
-        "discovery")
+        "discovery", "peers")
 
 
 def _discovery(obj: Any) -> DiscoveryConfig:
@@ -340,6 +349,19 @@ def _discovery(obj: Any) -> DiscoveryConfig:
                     interval_s=_num(d, "interval_s", p, 5.0, lo=0.05), scheme=_scheme(d, p), nameservers=tuple(ns),
                     nameserver_port=_num(d, "nameserver_port", p, 53, lo=1, hi=65535, integer=True)))
     return DiscoveryConfig(tuple(kube), tuple(dns))
+
+
+def _peers(obj: Any) -> PeersConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, "peers", ("listen", "connect"))
+    if "listen" not in m:
+        raise ConfigError("peers.listen: required (the ZMQ endpoint this instance publishes on)")
+    conn = m.get("connect", [])
+    if not isinstance(conn, list):
+        raise ConfigError("peers.connect: must be a list of ZMQ endpoints")
+    return PeersConfig(check_zmq_endpoint(m["listen"], "peers.listen"),
+                       tuple(check_zmq_endpoint(c, f"peers.connect[{i}]") for i, c in enumerate(conn)))
 
 
 def _scheme(m: Mapping[str, Any], path: str) -> str:
@@ -437,6 +459,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         breaker_failure_threshold=_num(breaker, "failure_threshold", "breaker", 5, lo=1, integer=True),
         breaker_open_s=_num(breaker, "open_s", "breaker", 5.0, lo=0.01),
         discovery=discovery,
+        peers=_peers(top.get("peers")),
     )
 
 

@@ -60,6 +60,8 @@ class Decision:
     closed: bool = False
     inserted: bool = False
     attempts: list[int] = field(default_factory=list)
+    remote: bool = False  # another balancer instance dispatched it (peer sync)
+    tag: int = 0  # this instance's id for it, as peers know it
 
     @property
     def uncached_tokens(self) -> float:
@@ -108,6 +110,9 @@ class TierRouter:
         self._decisions = 0
         self.clock = clock
         self.events: EventIndex | None = None  # precise mode (enable_precise)
+        # peer sync: called as observer(kind, decision, now) after each hook on a local decision,
+        # kind in "dispatched", "first_token", "finished", "failed"
+        self.observer = None
 
     def enable_precise(self, block_tokens: int, grace: float = 1.0) -> EventIndex:
         """Precise mode: prompts arrive as token ids (4 bytes each) and the index follows the
@@ -273,6 +278,22 @@ class TierRouter:
             d.inserted = True
             if self.events is not None:
                 self.events.speculate(r.id, d.chain)
+        if self.observer is not None and not d.remote:
+            self.observer("dispatched", d, now)
+
+    def remote_dispatched(self, replica_id: int, chain, prompt_tokens: float, cached_tokens: float,
+                          out_tokens: float, now: float | None = None) -> Decision | None:
+        """Another balancer instance sent a request to ``replica_id``: count its load and hold its
+        blocks there, as if this instance had sent it (peer sync keeps instances' views equal)."""
+        r = self.replicas.get(replica_id)
+        if r is None:
+            return None
+        now = self.clock() if now is None else now
+        d = Decision(replica=r, chain=chain, matched_blocks=0, prompt_tokens=prompt_tokens,
+                     cached_tokens=cached_tokens, predicted_ttft=0.0, policy="remote", out_tokens=out_tokens,
+                     decided_at=now, remote=True)
+        self.dispatched(d, now)
+        return d
 
     def extend(self, d: Decision, chain: Sequence[int], now: float | None = None) -> None:
         """The prompt's full chain became known after dispatch (precise mode tokenizes a prompt's
@@ -299,6 +320,8 @@ class TierRouter:
         r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
         if self.events is not None and d.inserted:
             self.events.settle(r.id, d.chain, now)
+        if self.observer is not None and not d.remote:
+            self.observer("first_token", d, now)
 
     def finished(self, d: Decision, now: float | None = None, usage: dict | None = None,
                  prompt_text_bytes: int | None = None) -> None:
@@ -316,6 +339,8 @@ class TierRouter:
         self.model.observe_duration(now - d.dispatched_at)
         if usage:
             self._learn_from_usage(d, usage, prompt_text_bytes)
+        if self.observer is not None and not d.remote:
+            self.observer("finished", d, now)
 
     def failed(self, d: Decision, now: float | None = None) -> None:
         """The request never reached the replica (connect error, refused, timed out before any
@@ -330,6 +355,8 @@ class TierRouter:
                 self.events.settle(d.replica.id, d.chain, now - self.events.grace)
         elif d.inserted and d.replica.id in self.replicas and len(d.chain) > d.matched_blocks:
             self.index.remove_blocks(d.replica.id, d.chain[d.matched_blocks:])
+        if self.observer is not None and not d.remote:
+            self.observer("failed", d, now)
 
     # -- feedback ---------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hmac
 import itertools
 import logging
@@ -103,6 +104,8 @@ class Balancer:
         self.config_source: Callable[[], Config] | None = None  # re-reads the config file (reload)
         self._discovery_sources: list = []
         self.discovery = None  # Reconciler when discovery is configured
+        self.peers = None  # PeerSync when peer sync is configured (config peers:, or --workers)
+        self._ledger = None
         self.events: KVEventSubscriber | None = None
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
@@ -148,6 +151,7 @@ class Balancer:
         await self._learn_models()
         await self._start_events()
         await self._start_discovery()
+        await self._start_peers()
         ssl_ctx = None
         if self.config.tls_cert:
             import ssl
@@ -175,6 +179,8 @@ class Balancer:
             self._tok_pool.shutdown(wait=False, cancel_futures=True)
         for src in self._discovery_sources:
             await src.stop()
+        if self.peers is not None:
+            await self.peers.close()
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def _learn_models(self) -> None:
@@ -193,6 +199,8 @@ class Balancer:
         old = self.config
         restart = [k for k in ("host", "port", "tls_cert", "tls_key", "policy", "discovery")
                    if getattr(old, k) != getattr(new, k)]
+        if new.peers is not None and old.peers != new.peers:
+            restart.append("peers")
         if [t.name for t in old.tiers] != [t.name for t in new.tiers]:
             restart.append("tiers (names or order)")
         added, removed = [], []
@@ -220,7 +228,7 @@ class Balancer:
                     added.append(url)
                 except ValueError:
                     pass
-        keep = {k: getattr(old, k) for k in ("host", "port", "tls_cert", "tls_key", "policy", "discovery")}
+        keep = {k: getattr(old, k) for k in ("host", "port", "tls_cert", "tls_key", "policy", "discovery", "peers")}
         self.config = dataclasses.replace(new, **keep, tiers=tuple(
             t if t.name in self.tiers else next(x for x in old.tiers if x.name == t.name)
             for t in new.tiers if t.name in self.tiers))
@@ -229,6 +237,38 @@ class Balancer:
         summary = {"added": added, "removed": removed, "needs_restart": restart}
         log.info("prefixlb: configuration reloaded: %s", summary)
         return summary
+
+    # -- peer sync -------------------------------------------------------------------------------
+
+    async def _start_peers(self) -> None:
+        pc = self.config.peers
+        if pc is None:
+            return
+        from .peers import PeerSync, RemoteLedger
+
+        self.peers = PeerSync(pc.listen, pc.connect, self._on_peer_message)
+        self._ledger = RemoteLedger(ttl=self.config.request_timeout_s)
+        await self.peers.start()
+        for tier in self.tiers.values():
+            tier.router.observer = functools.partial(self._publish_hook, tier.name)
+
+    def _publish_hook(self, tier: str, kind: str, d: Decision, now: float) -> None:
+        r = self.replicas.get(d.replica.id)
+        if r is None:
+            return
+        if kind == "dispatched":
+            d.tag = self.peers.tag()
+        self.peers.publish(kind, tier, r.url, d.tag, d)
+
+    def _on_peer_message(self, msg: list) -> None:
+        self._ledger.apply(msg, self._peer_replica, self.clock())
+
+    def _peer_replica(self, tier_name: str, url: str):
+        tier = self.tiers.get(tier_name)
+        if tier is None:
+            return None
+        r = next((x for x in tier.replicas.values() if x.url == url), None)
+        return None if r is None else (tier.router, r.id)
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -324,6 +364,8 @@ class Balancer:
             now = self.clock()
             for tier in self.tiers.values():
                 tier.router.maintain(now)
+            if self._ledger is not None:
+                self._ledger.expire(now)
 
     # -- replica set ------------------------------------------------------------------------------
 

@@ -105,8 +105,19 @@ def run(config: Config, workers: int = 1, reload: Callable[[], Config] | None = 
         print(f"prefixlb serve: cannot bind {config.host}:{config.port}: {exc}", file=sys.stderr)
         return 2
     config = dataclasses.replace(config, port=holder.getsockname()[1])
+    configs = [config] * workers
+    if config.peers is None:
+        # workers share their routing with each other (prefixlb.server.peers) over local sockets
+        import tempfile
+
+        from prefixlb.config import PeersConfig
+
+        d = tempfile.mkdtemp(prefix="prefixlb-peers-")
+        eps = [f"ipc://{d}/w{i}" for i in range(workers)]
+        configs = [dataclasses.replace(config, peers=PeersConfig(eps[i], tuple(eps[:i] + eps[i + 1:])))
+                   for i in range(workers)]
     ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker, args=(config, i, reload, log_setup), name=f"prefixlb-worker-{i}")
+    procs = [ctx.Process(target=_worker, args=(configs[i], i, reload, log_setup), name=f"prefixlb-worker-{i}")
              for i in range(workers)]
     for p in procs:
         p.start()

@@ -130,3 +130,41 @@ async def test_two_instances_agree_and_dry_run_route() -> None:
         finally:
             await a.stop(0.5)
             await b.stop(0.5)
+
+
+async def test_peer_sync_instances_share_placements_in_approximate_mode() -> None:
+    """Without KV events, an instance only learns the caches from its own routing; with peer sync
+    it also learns its peers', so a prefix placed through A is found through B."""
+    from prefixlb.config import PeersConfig
+
+    async with EmulatedFleet(2, **FLEET) as fleet:
+        base_cfg = dataclasses.replace(config(fleet.urls, precise=False),
+                                       peers=PeersConfig("tcp://127.0.0.1:*"))
+        a, b = Balancer(base_cfg), Balancer(base_cfg)
+        await a.start()
+        await b.start()
+        try:
+            a.peers.connect(b.peers.bind_endpoint)
+            b.peers.connect(a.peers.bind_endpoint)
+            await asyncio.sleep(0.3)  # subscriptions settle (ZMQ slow joiner)
+            docs = documents()
+            placed = {}
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as s:
+                for k, doc in enumerate(docs[:6]):  # first sight through A
+                    st, hdrs, _ = await post(s, f"http://127.0.0.1:{a.port}/v1/completions",
+                                             {"model": "auto", "prompt": doc + " first", "max_tokens": 1})
+                    assert st == 200
+                    placed[k] = hdrs["x-prefixlb-replica"]
+                await asyncio.sleep(0.2)
+                again = 0
+                for k, doc in enumerate(docs[:6]):  # then through B
+                    st, hdrs, body = await post(s, f"http://127.0.0.1:{b.port}/v1/completions",
+                                                {"model": "auto", "prompt": doc + " second", "max_tokens": 1})
+                    assert st == 200
+                    again += hdrs["x-prefixlb-replica"] == placed[k]
+            assert a.peers.sent > 0 and b.peers.received > 0
+            assert again >= 5, (again, placed)
+            assert len(b._ledger) == 0  # every peer request ended
+        finally:
+            await a.stop(0.5)
+            await b.stop(0.5)
