@@ -128,6 +128,18 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return runner.main(args.rest)
 
 
+def _cmd_train_router(args: argparse.Namespace) -> int:
+    from prefixlb.routing.classifier.commands import run_train
+
+    return run_train(args)
+
+
+def _cmd_eval_router(args: argparse.Namespace) -> int:
+    from prefixlb.routing.classifier.commands import run_eval
+
+    return run_eval(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixlb",
@@ -181,6 +193,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rate", type=float, default=None, help="emulated requests per second (default 14)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_demo)
+
+    from prefixlb.routing.classifier.commands import add_eval_arguments, add_train_arguments
+
+    p = sub.add_parser(
+        "train-router",
+        help="train the tier classifier on labelled prompts (needs the classifier extra)",
+        description="Train the tier classifier; writes the model, its held-out split and the held-out report to DIR.",
+    )
+    add_train_arguments(p)
+    p.set_defaults(func=_cmd_train_router)
+
+    p = sub.add_parser(
+        "eval-router",
+        help="score labelled prompts with a trained tier classifier (AUC, APGR, CPT, cost saved, latency)",
+        description="Evaluate a tier classifier on every prompt of a labelled file (or its held-out split).",
+    )
+    add_eval_arguments(p)
+    p.set_defaults(func=_cmd_eval_router)
 
     return parser
 

@@ -1,0 +1,132 @@
+"""The request-path classifier: numpy only (no torch), a model directory written by hand."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+np = pytest.importorskip("numpy", reason="inference needs numpy (the classifier extra)")
+
+from prefixlb.routing.classifier import ModelError, TierClassifier  # noqa: E402
+from prefixlb.routing.classifier.features import FEATURE_NAMES  # noqa: E402
+from prefixlb.routing.classifier.model import save_model  # noqa: E402
+
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "what", "is", "the", "integral", "of", "x", "?", "2", "+", "=", "capital"]
+
+
+def _model(tmp_path, tiers=("small", "large"), seed=0, zero=False, calibration=None):
+    rng = np.random.default_rng(seed)
+    K, G, H, F = len(tiers), 3, 8, len(FEATURE_NAMES)
+    D = K - 1 + F
+    arrays = {
+        "group_table": rng.normal(size=(len(VOCAB), G)),
+        "group_bias": rng.normal(size=G),
+        "rates": rng.uniform(size=(G, K - 1)),
+        "feat_mean": rng.normal(size=D),
+        "feat_std": rng.uniform(0.5, 2.0, size=D),
+        "w1": rng.normal(size=(H, D)) * 0.3,
+        "b1": rng.normal(size=H),
+        "w2": rng.normal(size=(K - 1, H)),
+        "b2": rng.normal(size=K - 1),
+    }
+    if zero:
+        arrays["w1"] = np.zeros((H, D))
+        arrays["b2"] = np.linspace(0.5, -0.5, K - 1)
+    cfg = {
+        "tiers": list(tiers),
+        "prices": [float(5**i) for i in range(K)],
+        "text_cap": 2000,
+        "feature_names": list(FEATURE_NAMES),
+        "calibration": calibration or {"default_threshold": 0.5, "budgets": {"0.20": 0.9, "0.50": 0.6, "0.80": 0.3}},
+    }
+    d = tmp_path / f"m{seed}{len(tiers)}"
+    save_model(d, cfg, arrays, VOCAB)
+    return d
+
+
+PROMPTS = ["What is the integral of x?", "2 + 2 =", "capital", "", "Ünïcode ✓ text\nA. 1\nB. 2\nC. 3\nD. 4\nAnswer:"]
+
+
+def test_scores_are_probabilities_and_identical_across_loads(tmp_path):
+    d = _model(tmp_path)
+    a, b = TierClassifier.load(d), TierClassifier.load(d)
+    for p in PROMPTS:
+        s = a.score(p)
+        assert 0.0 <= s <= 1.0
+        assert s == b.score(p) == a.score(p)
+
+
+def test_the_output_is_the_head_bias_when_the_hidden_layer_is_silent(tmp_path):
+    clf = TierClassifier.load(_model(tmp_path, zero=True))
+    w2 = np.load(tmp_path / "m02" / "weights.npz")["w2"]
+    b1 = np.load(tmp_path / "m02" / "weights.npz")["b1"]
+    expected = 1 / (1 + math.exp(-(w2 @ np.maximum(b1, 0) + 0.5)[0]))
+    assert clf.score("anything at all") == pytest.approx(expected, rel=1e-6)
+
+
+def test_three_tiers_probabilities_never_increase_and_choose_climbs(tmp_path):
+    clf = TierClassifier.load(_model(tmp_path, tiers=("small", "medium", "large"), seed=3))
+    for p in PROMPTS:
+        probs = clf.probs(p)
+        assert probs.shape == (2,) and probs[1] <= probs[0]
+    low = TierClassifier.load(tmp_path / "m33", threshold=0.0)
+    high = TierClassifier.load(tmp_path / "m33", threshold=2.0)
+    assert low.choose(PROMPTS[0])[0] == "large"
+    assert high.choose(PROMPTS[0])[0] == "small"
+    tier, score = clf.choose(PROMPTS[0], ["s", "m", "l"])
+    assert tier in ("s", "m", "l") and score == clf.score(PROMPTS[0])
+    with pytest.raises(ValueError, match="3 tiers"):
+        clf.choose(PROMPTS[0], ["a", "b"])
+
+
+def test_choose_follows_the_threshold(tmp_path):
+    d = _model(tmp_path, seed=5)
+    clf = TierClassifier.load(d)
+    for p in PROMPTS:
+        tier, s = clf.choose(p)
+        assert tier == ("large" if s >= clf.threshold else "small")
+
+
+def test_budget_picks_the_nearest_calibrated_threshold(tmp_path):
+    d = _model(tmp_path)
+    assert TierClassifier.load(d).threshold == 0.5
+    assert TierClassifier.load(d, budget=0.25).threshold == 0.9
+    assert TierClassifier.load(d, budget=0.7).threshold == 0.3
+    assert TierClassifier.load(d, budget=0.7, threshold=0.42).threshold == 0.42
+
+
+def test_broken_model_directories_are_refused_with_the_file_named(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        TierClassifier.load(tmp_path / "missing")
+    d = _model(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "format": "something-else"}))
+    with pytest.raises(ModelError, match="format"):
+        TierClassifier.load(d)
+    (d / "config.json").write_text(json.dumps(cfg))
+    w = dict(np.load(d / "weights.npz"))
+    w["rates"] = w["rates"][:2]
+    np.savez(d / "weights.npz", **w)
+    with pytest.raises(ModelError, match="rates"):
+        TierClassifier.load(d)
+
+
+def test_weights_are_never_unpickled(tmp_path):
+    d = _model(tmp_path)
+    w = dict(np.load(d / "weights.npz"))
+    w["rates"] = np.array([{"evil": 1}], dtype=object)
+    np.savez(d / "weights.npz", **w)
+    with pytest.raises(ModelError):
+        TierClassifier.load(d)
+
+
+def test_importing_the_package_pulls_neither_torch_nor_matplotlib():
+    import subprocess
+    import sys
+
+    code = ("import sys, prefixlb.routing.classifier as c; c.TierClassifier; "
+            "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["False", "False"], out.stderr
