@@ -65,7 +65,9 @@ class ReplicaConfig:
 class PreciseConfig:
     """Precise mode for a tier: the index follows the replicas' KV events, prompts are tokenized."""
 
-    tokenizer: str  # a directory with tokenizer.json (+ chat template), or "byte" (the emulator's rule)
+    # a directory with tokenizer.json (+ chat template); "replica": ask a replica's /tokenize per
+    # request (no local tokenizer, ~1 ms more); "byte": the emulator's default rule
+    tokenizer: str
     block_size: int = 16  # vLLM's --block-size
     speculative_grace_s: float = 1.0
     discover: bool = False  # event sources from each replica's /kv_event_sources
@@ -259,8 +261,8 @@ def _precise(obj: Any, path: str) -> PreciseConfig | None:
     m = _keys(obj, path, ("tokenizer", "block_size", "speculative_grace_s", "discover"))
     tok = _str(m, "tokenizer", path, None)
     if tok is None:
-        raise ConfigError(f"{path}.tokenizer: required (a directory with tokenizer.json, or 'byte')")
-    if tok != "byte" and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
+        raise ConfigError(f"{path}.tokenizer: required (a directory with tokenizer.json, 'replica' or 'byte')")
+    if tok not in ("byte", "replica") and not os.path.isfile(os.path.join(tok, "tokenizer.json")):
         raise ConfigError(f"{path}.tokenizer: no tokenizer.json in {tok!r}")
     discover = m.get("discover", False)
     if not isinstance(discover, bool):

@@ -35,10 +35,12 @@ async def fetch_models(session: aiohttp.ClientSession, url: str, timeout: float)
         return set()
 
 
-async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float):
-    """The JSON body of ``GET url`` (None on any failure or non-200)."""
+async def fetch_json(session: aiohttp.ClientSession, url: str, timeout: float, body: dict | None = None):
+    """The JSON body of ``GET url`` (``POST`` with ``body``); None on any failure or non-200."""
     try:
-        async with session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        req = session.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) if body is None else \
+            session.post(url, json=body, timeout=aiohttp.ClientTimeout(total=timeout))
+        async with req as r:
             if r.status != 200:
                 return None
             return await r.json(content_type=None)

@@ -81,6 +81,7 @@ class Tier:
     output_per_mtok: float = 0.0
     replicas: dict[int, Replica] = field(default_factory=dict)
     encoder: object | None = None  # precise mode: CachedEncoder giving the replicas' prompt token ids
+    remote_tokenize: bool = False  # precise mode without a local tokenizer: ask a replica's /tokenize
     block_size: int | None = None  # precise mode: vLLM's block size
 
     def served_models(self) -> set[str]:
@@ -101,6 +102,7 @@ class Balancer:
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
         self._event_sources: list[EventSource] = []
         self._tok_pool = None
+        self._tok_rr = 0
         self.config_source: Callable[[], Config] | None = None  # re-reads the config file (reload)
         self._discovery_sources: list = []
         self.discovery = None  # Reconciler when discovery is configured
@@ -122,7 +124,10 @@ class Balancer:
             tier = Tier(t.name, t.model, router, t.input_per_mtok, t.output_per_mtok)
             if t.precise is not None:
                 router.enable_precise(t.precise.block_size, t.precise.speculative_grace_s)
-                tier.encoder = _encoder(t.precise.tokenizer)
+                if t.precise.tokenizer == "replica":
+                    tier.remote_tokenize = True
+                else:
+                    tier.encoder = _encoder(t.precise.tokenizer)
                 tier.block_size = t.precise.block_size
             self.tiers[t.name] = tier
             for rc in t.replicas:
@@ -545,6 +550,12 @@ class Balancer:
             except Exception as exc:  # noqa: BLE001 - a template the request breaks: the replica will say why
                 self.metrics.precise_fallbacks.inc((tier.name,))
                 log.debug("precise mode: cannot tokenize a request (%s); routing on its text", exc)
+        elif tier.remote_tokenize:
+            ids = await self._remote_ids(tier, body, chat)
+            if ids is None:
+                self.metrics.precise_fallbacks.inc((tier.name,))
+            else:
+                key = token_key(ids, body)
         started = time.perf_counter()
         await self._forward(req, tier, body, model, key, stream, started, prepared)
 
@@ -710,6 +721,35 @@ class Balancer:
                 pass
             return None
         return _usage_from_sse_tail(prev[-8192:] + last)
+
+    async def _remote_ids(self, tier: Tier, body: dict, chat: bool) -> list[int] | None:
+        """The prompt's token ids from a replica's ``/tokenize`` (vLLM's chat or completion form:
+        the chat template applied exactly as the replica applies it). None when no replica could
+        answer; the request is then routed on its text."""
+        now = self.clock()
+        reps = [r for r in tier.replicas.values() if r.available(now)]
+        if not reps:
+            return None
+        self._tok_rr = (self._tok_rr + 1) % len(reps)
+        r = reps[self._tok_rr]
+        if chat:
+            q = {"messages": body.get("messages"), "add_generation_prompt": body.get("add_generation_prompt", True)}
+            for k in ("tools", "chat_template_kwargs", "continue_final_message"):
+                if k in body:
+                    q[k] = body[k]
+        else:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                return list(prompt)
+            if isinstance(prompt, list):
+                prompt = prompt[0] if prompt else ""
+            q = {"prompt": prompt, "add_special_tokens": body.get("add_special_tokens", True)}
+        model = tier.model or (min(r.models) if r.models else None)
+        if model:
+            q["model"] = model
+        got = await fetch_json(self.monitor.session, r.url + "/tokenize", self.config.health_timeout_s, body=q)
+        toks = got.get("tokens") if isinstance(got, dict) else None
+        return toks if isinstance(toks, list) else None
 
     def _finish_tokens(self, tier: Tier, d: Decision, prepared, seed: int) -> None:
         """Precise mode: encode the prompt's unseen tail in the tokenizer thread (``tokenizers``

@@ -47,17 +47,17 @@ async def drive(base: str, n: int = 60) -> list[int]:
     return cached
 
 
-def config(urls: list[str], precise: bool) -> Config:
+def config(urls: list[str], precise: bool, tokenizer: str = "byte") -> Config:
     tier = TierConfig(name="default", model=None, replicas=tuple(ReplicaConfig(u) for u in urls),
-                      precise=PreciseConfig("byte", block_size=16, speculative_grace_s=0.3, discover=True)
+                      precise=PreciseConfig(tokenizer, block_size=16, speculative_grace_s=0.3, discover=True)
                       if precise else None)
     return dataclasses.replace(Config(tiers=(tier,), port=0), health_interval_s=0.1, scrape_interval_s=0.2,
                                admin_token="t")
 
 
-async def run_mode(precise: bool) -> dict:
+async def run_mode(precise: bool, tokenizer: str = "byte") -> dict:
     async with EmulatedFleet(2, **FLEET) as fleet:
-        b = Balancer(config(fleet.urls, precise))
+        b = Balancer(config(fleet.urls, precise, tokenizer))
         await b.start()
         try:
             base = f"http://127.0.0.1:{b.port}"
@@ -90,6 +90,13 @@ async def test_precise_index_follows_evictions_and_predicts_what_replicas_report
     a = await run_mode(precise=False)
     # approximate mode believes evicted prefixes are still there
     assert abs(a["predicted"] - a["actual"]) > abs(p["predicted"] - p["actual"]), (a, p)
+
+
+async def test_precise_mode_with_the_replicas_own_tokenizer_endpoint() -> None:
+    """No local tokenizer: each prompt's ids come from a replica's /tokenize."""
+    p = await run_mode(precise=True, tokenizer="replica")
+    assert p["agree"], (p["index"], p["engine"])
+    assert abs(p["predicted"] - p["actual"]) <= 0.02 * max(p["actual"], 1), p
 
 
 async def test_two_instances_agree_and_dry_run_route() -> None:
