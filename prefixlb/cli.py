@@ -140,6 +140,46 @@ def _cmd_eval_router(args: argparse.Namespace) -> int:
     return run_eval(args)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from prefixlb.routing.decision_log import format_report, read_log, summarise, write_training_jsonl
+
+    prices: dict[str, tuple[float, float]] | None = None
+    tiers = None
+    try:
+        if args.config:
+            from prefixlb.config import ConfigError, load_config
+
+            try:
+                cfg = load_config(args.config)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+            prices = {t.name: (t.input_per_mtok, t.output_per_mtok) for t in cfg.tiers}
+            tiers = [t.name for t in cfg.tiers]
+        if args.prices:
+            prices = {}
+            for item in args.prices.split(","):
+                name, _, price = item.partition("=")
+                pin, _, pout = price.partition("/")
+                prices[name.strip()] = (float(pin), float(pout or pin))
+            tiers = list(prices)
+        summary = summarise(read_log(args.log), prices, tiers)
+        if args.to_training:
+            names = [t.strip() for t in args.tiers.split(",")] if args.tiers else tiers or summary["tiers"]
+            if not names:
+                raise ValueError("--to-training needs the tier order: --tiers A,B,C (cheapest first), --prices or --config")
+            rows = write_training_jsonl(args.log, names, args.to_training)
+            print(f"{rows} labelled prompts written to {args.to_training} (prefixlb train-router --data "
+                  f"{args.to_training} --tiers {','.join(names)})", file=sys.stderr)
+    except (OSError, ValueError) as exc:
+        print(f"prefixlb report: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(format_report(summary), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="prefixlb",
@@ -211,6 +251,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_eval_arguments(p)
     p.set_defaults(func=_cmd_eval_router)
+
+    p = sub.add_parser(
+        "report",
+        help="summarise a decision log: cost per 1K requests vs all on the largest tier, tier mix, quality",
+        description="Read a tier-routing decision log (tier_routing.decision_log; rotated backups included) and "
+                    "report cost per 1K requests against sending everything to the largest tier, the tier mix, "
+                    "escalations and, when feedback labels were posted, quality.",
+    )
+    p.add_argument("--log", required=True, action="append", metavar="FILE",
+                   help="the decision log (repeat for several; FILE.1, FILE.2, ... are read too)")
+    p.add_argument("--prices", default=None, metavar="TIER=IN[/OUT],...",
+                   help="$/Mtok per tier, cheapest first, to recompute costs (e.g. small=0.06,medium=0.18,large=0.88)")
+    p.add_argument("--config", default=None, metavar="FILE", help="take tiers and prices from a balancer config")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--to-training", default=None, metavar="OUT.jsonl",
+                   help="also write the log's labelled requests (cascade outcomes, feedback) as train-router data; "
+                        "needs a log written with decision_log.prompts: true")
+    p.add_argument("--tiers", default=None, metavar="A,B,C", help="tier names cheapest first (for --to-training)")
+    p.set_defaults(func=_cmd_report)
 
     return parser
 

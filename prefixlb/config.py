@@ -160,6 +160,7 @@ class Config:
     drain_timeout_s: float = 30.0
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     peers: PeersConfig | None = None
+    tier_routing: TierRoutingConfig | None = None  # the optional ``tier_routing:`` section
 
     @property
     def default(self) -> str:
@@ -310,7 +311,7 @@ def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
 
 
 _TOP = ("listen", "tiers", "routing", "admin", "limits", "timeouts", "retries", "health", "scrape", "breaker",
-        "discovery", "peers")
+        "discovery", "peers", "tier_routing")
 
 
 def _discovery(obj: Any) -> DiscoveryConfig:
@@ -462,6 +463,7 @@ def parse_config(raw: Any, source: str = "config") -> Config:
         breaker_open_s=_num(breaker, "open_s", "breaker", 5.0, lo=0.01),
         discovery=discovery,
         peers=_peers(top.get("peers")),
+        tier_routing=parse_tier_routing(top.get("tier_routing"), names, default_tier or names[0]),
     )
 
 
@@ -488,3 +490,282 @@ def config_from_flags(replicas: Sequence[str], *, policy: str = "cache_aware", h
     tier = TierConfig(name="default", model=None, replicas=reps)
     cfg = base or Config(tiers=(tier,))
     return replace(cfg, tiers=(tier,), policy=policy, host=host, port=port)
+
+
+# -- tier routing (optional section ``tier_routing:``) ---------------------------------------------
+#
+# tier_routing:
+#   default_tier: small                 # else routing.default_tier, else the cheapest tier
+#   rules:                              # first match wins; conditions in `when` are ANDed
+#     - name: code
+#       tier: large
+#       cascade: false                  # true: cascade starting at `tier`
+#       when: {keywords_any: [traceback, segfault], max_tokens_gt: 1000}
+#   classifier: {model: /models/router, enabled: true, shadow: false, threshold: 0.5}
+#   cascade: {routes: [auto-cascade], max_tiers: 3, deadline_s: 60, min_mean_logprob: -0.6,
+#             verifier_url: http://127.0.0.1:7000/verify, verifier_timeout_s: 2, json: false}
+#   per_user: {header: x-user-id, half_life_s: 3600, max_users: 10000, step: 0.5}
+#   decision_log: {path: /var/log/prefixlb/decisions.jsonl, max_bytes: 104857600, backups: 5, prompts: false}
+#                                       # with --workers N put {pid} in the path: one file per worker
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    model: str  # the directory `prefixlb train-router` wrote
+    enabled: bool = True  # false: loaded but killed (revive with POST /admin/classifier/revive)
+    shadow: bool = False  # predict and log, do not dispatch
+    threshold: float | None = None  # the score above which a stronger tier is chosen (model's default if None)
+    cost_budget: float | None = None  # or: a target share of spend, the classifier derives its threshold
+    drift_window: int = 2000  # recent scores compared with the reference
+    drift_warmup: int = 1000  # scores taken as the reference when the model ships none
+
+
+@dataclass(frozen=True)
+class CascadeConfig:
+    routes: tuple[str, ...] = ("auto-cascade",)  # model names that start a cascade ("auto" = every auto request)
+    max_tiers: int = 3  # tiers tried at most, the first included
+    deadline_s: float = 60.0  # no escalation starts after this long since the request arrived
+    min_mean_logprob: float | None = None  # escalate when the mean token logprob is lower
+    min_token_logprob: float | None = None  # ... when any token's logprob is lower
+    low_token_logprob: float = -2.3  # what counts as a low-probability token (ln 0.1)
+    max_low_token_fraction: float | None = None  # ... when more tokens than this share are low
+    min_margin: float | None = None  # ... when the mean top-1/top-2 logprob margin is smaller
+    top_logprobs: int = 2  # asked of the replicas when the client did not ask for logprobs
+    verifier_url: str | None = None  # POST {"tier", "request", "response"} -> {"accept": bool}
+    verifier_python: str | None = None  # "module:function" (request, response, tier) -> bool | awaitable bool
+    verifier_timeout_s: float = 2.0
+    verifier_on_error: str = "accept"  # accept | escalate, when the verifier fails or times out
+    json: bool = False  # every answer must be JSON (requests with response_format json are checked anyway)
+    tool_calls: bool = True  # tool calls must name a given tool and carry JSON arguments
+    # {tier: {min_mean_logprob, min_token_logprob, max_low_token_fraction, min_margin}}: models are not
+    # calibrated alike, and escalating from a middle tier costs more than from the cheapest
+    per_tier: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = ()
+
+
+@dataclass(frozen=True)
+class PerUserConfig:
+    header: str | None = None  # whose requests: this header, else the body's "user"
+    half_life_s: float = 3600.0
+    max_users: int = 10_000
+    step: float = 0.5  # mean escalation (in tiers) that moves a user one tier
+    prior: float = 2.0  # pseudo-observations of "no escalation"
+    max_offset: int = 1
+
+
+@dataclass(frozen=True)
+class DecisionLogConfig:
+    path: str
+    max_bytes: int = 100 * 1024 * 1024
+    backups: int = 5
+    prompts: bool = False  # also log the prompt text (needed to train the classifier from the log)
+
+
+@dataclass(frozen=True)
+class TierRoutingConfig:
+    default_tier: str | None = None
+    rules: tuple = ()  # prefixlb.routing.tiers.Rule, compiled
+    classifier: ClassifierConfig | None = None
+    cascade: CascadeConfig = field(default_factory=CascadeConfig)
+    per_user: PerUserConfig | None = None
+    decision_log: DecisionLogConfig | None = None
+    feedback_memory: int = 100_000  # recent requests remembered for POST /admin/feedback
+
+
+def _bool(m: Mapping[str, Any], key: str, path: str, default: bool) -> bool:
+    v = m.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{path}.{key}: must be true or false, got {v!r}")
+    return v
+
+
+def _str_list(v: Any, path: str) -> tuple[str, ...]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+        raise ConfigError(f"{path}: must be a list of non-empty strings, got {v!r}")
+    return tuple(v)
+
+
+_WHEN = ("last_user_regex", "keywords_any", "header", "path", "user_in", "tools", "max_tokens_gt", "max_tokens_lt",
+         "prompt_chars_gt", "prompt_chars_lt")
+
+
+def _rule(obj: Any, path: str, tiers: Sequence[str]):
+    import re
+
+    from prefixlb.routing.tiers import Rule
+
+    m = _keys(obj, path, ("name", "tier", "cascade", "when"))
+    name = _str(m, "name", path, None)
+    if name is None:
+        raise ConfigError(f"{path}.name: required")
+    tier = _str(m, "tier", path, None)
+    if tier is None:
+        raise ConfigError(f"{path}.tier: required (one of {', '.join(tiers)})")
+    if tier not in tiers:
+        raise ConfigError(f"{path}.tier: {tier!r} is not a tier (tiers: {', '.join(tiers)})")
+    wp = f"{path}.when"
+    w = _keys(m.get("when"), wp, _WHEN)
+    kw: dict[str, Any] = {}
+    if "last_user_regex" in w:
+        rx = _str(w, "last_user_regex", wp, None)
+        try:
+            re.compile(rx or "")
+        except re.error as exc:
+            raise ConfigError(f"{wp}.last_user_regex: not a valid regular expression ({exc})") from None
+        kw["last_user_regex"] = rx
+    if "keywords_any" in w:
+        kw["keywords_any"] = _str_list(w["keywords_any"], f"{wp}.keywords_any")
+    if "header" in w:
+        h = w["header"]
+        if not isinstance(h, Mapping) or not h:
+            raise ConfigError(f"{wp}.header: must be a mapping {{name: value}} (value \"*\": present)")
+        for k, v in h.items():
+            if not isinstance(k, str) or not isinstance(v, (str, int)) or isinstance(v, bool):
+                raise ConfigError(f"{wp}.header.{k}: must map a header name to a string value, got {v!r}")
+        kw["header"] = tuple((k, str(v)) for k, v in h.items())
+    if "path" in w:
+        kw["path"] = _str_list(w["path"], f"{wp}.path")
+    if "user_in" in w:
+        kw["user_in"] = frozenset(_str_list(w["user_in"], f"{wp}.user_in"))
+    if "tools" in w:
+        kw["tools"] = _bool(w, "tools", wp, False)
+    for k in ("max_tokens_gt", "max_tokens_lt", "prompt_chars_gt", "prompt_chars_lt"):
+        if k in w:
+            kw[k] = _num(w, k, wp, None, lo=0, integer=True)
+    return Rule(name=name, tier=tier, cascade=_bool(m, "cascade", path, False), **kw)
+
+
+def _classifier(obj: Any, path: str) -> ClassifierConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("model", "enabled", "shadow", "threshold", "cost_budget", "drift_window", "drift_warmup"))
+    model = _str(m, "model", path, None)
+    if model is None:
+        raise ConfigError(f"{path}.model: required (the directory prefixlb train-router wrote)")
+    if not os.path.isdir(model):
+        raise ConfigError(f"{path}.model: no such directory {model!r}")
+    threshold = _num(m, "threshold", path, None, lo=0, hi=1)
+    budget = _num(m, "cost_budget", path, None, lo=0, hi=1)
+    if threshold is not None and budget is not None:
+        raise ConfigError(f"{path}.cost_budget: give threshold or cost_budget, not both")
+    return ClassifierConfig(
+        model=model, enabled=_bool(m, "enabled", path, True), shadow=_bool(m, "shadow", path, False),
+        threshold=threshold, cost_budget=budget,
+        drift_window=_num(m, "drift_window", path, 2000, lo=10, hi=1_000_000, integer=True),
+        drift_warmup=_num(m, "drift_warmup", path, 1000, lo=10, hi=1_000_000, integer=True),
+    )
+
+
+def _cascade(obj: Any, path: str, tiers: Sequence[str]) -> CascadeConfig:
+    m = _keys(obj, path, ("routes", "max_tiers", "deadline_s", "min_mean_logprob", "min_token_logprob",
+                          "low_token_logprob", "max_low_token_fraction", "min_margin", "top_logprobs", "verifier_url",
+                          "verifier_python", "verifier_timeout_s", "verifier_on_error", "json", "tool_calls",
+                          "per_tier"))
+    per_tier = []
+    pt = m.get("per_tier")
+    if pt is not None:
+        if not isinstance(pt, Mapping):
+            raise ConfigError(f"{path}.per_tier: must map tier names to thresholds")
+        for tname, th in pt.items():
+            tp = f"{path}.per_tier.{tname}"
+            if tname not in tiers:
+                raise ConfigError(f"{tp}: not a tier (tiers: {', '.join(tiers)})")
+            tm = _keys(th, tp, ("min_mean_logprob", "min_token_logprob", "max_low_token_fraction", "min_margin"))
+            vals = []
+            for k in tm:
+                bounds = {"max_low_token_fraction": (0, 1), "min_margin": (0, None)}.get(k, (None, 0))
+                vals.append((k, _num(tm, k, tp, None, lo=bounds[0], hi=bounds[1])))
+            per_tier.append((tname, tuple(v for v in vals if v[1] is not None)))
+    routes = _str_list(m["routes"], f"{path}.routes") if m.get("routes") is not None else ("auto-cascade",)
+    for i, r in enumerate(routes):
+        if r in tiers:
+            raise ConfigError(f"{path}.routes[{i}]: {r!r} is a tier name (a route is a model name of its own)")
+    url = m.get("verifier_url")
+    if url is not None:
+        url = check_url(url, f"{path}.verifier_url")
+    py = _str(m, "verifier_python", path, None)
+    if py is not None and (":" not in py or not all(py.split(":", 1))):
+        raise ConfigError(f"{path}.verifier_python: must be 'module:function', got {py!r}")
+    if py is not None and url is not None:
+        raise ConfigError(f"{path}.verifier_python: give verifier_url or verifier_python, not both")
+    on_error = _str(m, "verifier_on_error", path, "accept")
+    if on_error not in ("accept", "escalate"):
+        raise ConfigError(f"{path}.verifier_on_error: must be accept or escalate, got {on_error!r}")
+    return CascadeConfig(
+        routes=routes,
+        max_tiers=_num(m, "max_tiers", path, len(tiers), lo=1, hi=64, integer=True),
+        deadline_s=_num(m, "deadline_s", path, 60.0, lo=0),
+        min_mean_logprob=_num(m, "min_mean_logprob", path, None, hi=0),
+        min_token_logprob=_num(m, "min_token_logprob", path, None, hi=0),
+        low_token_logprob=_num(m, "low_token_logprob", path, -2.3, hi=0),
+        max_low_token_fraction=_num(m, "max_low_token_fraction", path, None, lo=0, hi=1),
+        min_margin=_num(m, "min_margin", path, None, lo=0),
+        top_logprobs=_num(m, "top_logprobs", path, 2, lo=0, hi=20, integer=True),
+        verifier_url=url, verifier_python=py,
+        verifier_timeout_s=_num(m, "verifier_timeout_s", path, 2.0, lo=0.001),
+        verifier_on_error=on_error,
+        json=_bool(m, "json", path, False), tool_calls=_bool(m, "tool_calls", path, True),
+        per_tier=tuple(per_tier),
+    )
+
+
+def _per_user(obj: Any, path: str) -> PerUserConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("header", "half_life_s", "max_users", "step", "prior", "max_offset"))
+    header = _str(m, "header", path, None)
+    return PerUserConfig(
+        header=header.lower() if header else None,
+        half_life_s=_num(m, "half_life_s", path, 3600.0, lo=0.001),
+        max_users=_num(m, "max_users", path, 10_000, lo=1, hi=10_000_000, integer=True),
+        step=_num(m, "step", path, 0.5, lo=0.01, hi=1),
+        prior=_num(m, "prior", path, 2.0, lo=0),
+        max_offset=_num(m, "max_offset", path, 1, lo=0, hi=16, integer=True),
+    )
+
+
+def _decision_log(obj: Any, path: str) -> DecisionLogConfig | None:
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("path", "max_bytes", "backups", "prompts"))
+    p = _str(m, "path", path, None)
+    if p is None:
+        raise ConfigError(f"{path}.path: required (a file to append JSON lines to)")
+    parent = os.path.dirname(os.path.abspath(p))
+    if not os.path.isdir(parent):
+        raise ConfigError(f"{path}.path: directory {parent!r} does not exist")
+    return DecisionLogConfig(
+        path=p, max_bytes=_num(m, "max_bytes", path, 100 * 1024 * 1024, lo=1024, integer=True),
+        backups=_num(m, "backups", path, 5, lo=1, hi=1000, integer=True), prompts=_bool(m, "prompts", path, False),
+    )
+
+
+def parse_tier_routing(obj: Any, tiers: Sequence[str], default: str, path: str = "tier_routing") -> TierRoutingConfig | None:
+    """Validate the ``tier_routing:`` section (None when absent) against the tier names."""
+    if obj is None:
+        return None
+    m = _keys(obj, path, ("default_tier", "rules", "classifier", "cascade", "per_user", "decision_log",
+                          "feedback_memory"))
+    dt = _str(m, "default_tier", path, None)
+    if dt is not None and dt not in tiers:
+        raise ConfigError(f"{path}.default_tier: {dt!r} is not a tier (tiers: {', '.join(tiers)})")
+    rules_raw = m.get("rules") or []
+    if not isinstance(rules_raw, list):
+        raise ConfigError(f"{path}.rules: must be a list of rules")
+    rules = tuple(_rule(r, f"{path}.rules[{i}]", tiers) for i, r in enumerate(rules_raw))
+    names = [r.name for r in rules]
+    for i, n in enumerate(names):
+        if n in names[:i]:
+            raise ConfigError(f"{path}.rules[{i}].name: {n!r} is used twice")
+    return TierRoutingConfig(
+        default_tier=dt or default,
+        rules=rules,
+        classifier=_classifier(m.get("classifier"), f"{path}.classifier"),
+        cascade=_cascade(m.get("cascade"), f"{path}.cascade", tiers),
+        per_user=_per_user(m.get("per_user"), f"{path}.per_user"),
+        decision_log=_decision_log(m.get("decision_log"), f"{path}.decision_log"),
+        feedback_memory=_num(m, "feedback_memory", path, 100_000, lo=0, hi=10_000_000, integer=True),
+    )

@@ -54,6 +54,8 @@ from .http import (
     end_to_end,
 )
 from .metrics import BalancerMetrics
+from .tiering import CURRENT as _TIER_TRACE
+from .tiering import TierRouting
 
 __all__ = ["Balancer"]
 
@@ -147,6 +149,8 @@ class Balancer:
         )
         self._ticker: asyncio.Task | None = None
         self._closing = False
+        tr = config.tier_routing  # model tiers by rules, classifier, cascade (prefixlb.server.tiering)
+        self.tiering = TierRouting(self, tr) if tr is not None else None
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -186,6 +190,8 @@ class Balancer:
             await src.stop()
         if self.peers is not None:
             await self.peers.close()
+        if self.tiering is not None:
+            await self.tiering.close()
         await asyncio.gather(*(p.close() for p in self.pools.values()), return_exceptions=True)
 
     async def _learn_models(self) -> None:
@@ -208,6 +214,8 @@ class Balancer:
             restart.append("peers")
         if [t.name for t in old.tiers] != [t.name for t in new.tiers]:
             restart.append("tiers (names or order)")
+        if old.tier_routing != new.tier_routing:
+            restart.append("tier_routing")  # the pipeline, classifier and cascade are built at start
         added, removed = [], []
         for t in new.tiers:
             tier = self.tiers.get(t.name)
@@ -537,7 +545,12 @@ class Balancer:
             stream = False
         if not isinstance(stream, bool):
             raise errors.BadRequest("'stream' must be a boolean", param="stream")
-        tier = self._resolve(model)
+        tiering = self.tiering
+        if tiering is None:
+            tier = self._resolve(model)
+        else:  # explicit -> rules -> classifier -> default, then maybe a cascade
+            trace = tiering.decide(req, body, chat, model)
+            tier = self.tiers[trace.decision.tier]
         try:
             key = prompt_key(body, chat)
         except PromptError as exc:
@@ -557,6 +570,9 @@ class Balancer:
             else:
                 key = token_key(ids, body)
         started = time.perf_counter()
+        if tiering is not None:
+            await tiering.run(req, trace, tier, body, chat, model, key, stream, started, prepared)
+            return
         await self._forward(req, tier, body, model, key, stream, started, prepared)
 
     def _upstream_body(self, req: Request, body: dict, model: str | None, replica: Replica, tier: Tier) -> bytes:
@@ -636,6 +652,9 @@ class Balancer:
                 return errors.UpstreamFailed(f"replica {replica.url} answered {status}: {text}")
             replica.breaker.record(True, self.clock())
             extra = ((b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", replica.url.encode()))
+            trace = _TIER_TRACE.get()
+            if trace is not None:
+                extra += trace.response_headers
             ctype = resp.header(b"content-type") or b""
             if stream and resp.status == 200 and b"event-stream" in ctype:
                 usage = await self._relay_stream(req, resp, tier, replica, d, extra, started)
@@ -807,6 +826,9 @@ class Balancer:
                 m.prompt_tokens.inc((tier.name,), p)
                 m.completion_tokens.inc((tier.name,), c)
                 m.cost.inc((tier.name,), (p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6)
+        trace = _TIER_TRACE.get()
+        if trace is not None:  # tier routing: the request's trace records every attempt paid for
+            trace.attempt(tier, replica.url, d.cached_tokens, usage, status)
 
     # -- admin -------------------------------------------------------------------------------------------
 
@@ -884,6 +906,8 @@ class Balancer:
             if action is None and req.method == "GET":
                 req.respond_json(200, orjson.dumps(r.describe(now) | self._route_view(r, now)))
                 return
+        if self.tiering is not None and self.tiering.admin(req, parts):
+            return
         raise errors.NotFound(f"no admin route {req.method} {req.path}")
 
     def _dry_run(self, req: Request) -> None:

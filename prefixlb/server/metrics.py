@@ -19,6 +19,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 __all__ = ["BalancerMetrics", "Histogram"]
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
+SCORE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 DECISION_BUCKETS = (5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 7.5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
 
 
@@ -113,6 +114,28 @@ class BalancerMetrics:
         self._families = [self.kv_events, self.kv_resyncs, self.precise_fallbacks, self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,
                           self.predicted_cached, self.actual_cached, self.prompt_tokens, self.completion_tokens,
                           self.retries, self.stream_errors, self.client_disconnects, self.cost]
+        # tier routing (prefixlb.server.tiering); its gauges (drift, feedback accuracy) come from
+        # ``extra`` collectors, read at scrape time like the replica state
+        self.tier_decisions = f("prefixlb_tier_decisions", "Tier decisions, by tier and the pipeline step that made "
+                                "them (explicit, rules, classifier, default)", ("tier", "step"), "counter")
+        self.tier_decision_seconds = f("prefixlb_tier_decision_seconds", "Time to decide the tier (rules, classifier, "
+                                       "per-user offset)", (), "histogram", DECISION_BUCKETS)
+        self.classifier_score = f("prefixlb_classifier_score", "Classifier scores: P(a tier above the cheapest is "
+                                  "needed), shadow mode included", (), "histogram", SCORE_BUCKETS)
+        self.classifier_errors = f("prefixlb_classifier_errors", "Classifier calls that raised (the pipeline went on "
+                                   "to the default tier)", (), "counter")
+        self.cascade_escalations = f("prefixlb_cascade_escalations", "Cascade escalations, by the tier whose answer "
+                                     "was rejected and why", ("tier", "reason"), "counter")
+        self.cascade_outcomes = f("prefixlb_cascade_outcomes", "Cascades finished, by outcome (accepted, top, deadline, "
+                                  "error_passed) and the tier that answered", ("outcome", "tier"), "counter")
+        self.verifier_calls = f("prefixlb_cascade_verifier_calls", "Cascade verifier calls, by result (accept, reject, "
+                                "error)", ("result",), "counter")
+        self.feedback_labels = f("prefixlb_feedback_labels", "Labels posted to /admin/feedback, by kind and whether "
+                                 "the request was still remembered", ("kind", "known"), "counter")
+        self._families += [self.tier_decisions, self.tier_decision_seconds, self.classifier_score,
+                           self.classifier_errors, self.cascade_escalations, self.cascade_outcomes,
+                           self.verifier_calls, self.feedback_labels]
+        self.extra: list[Callable[[], list]] = []
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
@@ -124,6 +147,8 @@ class BalancerMetrics:
             yield fam.collect()
         if self._state is not None:
             yield from _state_families(self._state())
+        for extra in self.extra:
+            yield from extra()
 
 
 def _state_families(rows: list[dict]):

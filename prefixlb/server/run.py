@@ -89,7 +89,11 @@ def run(config: Config, workers: int = 1, reload: Callable[[], Config] | None = 
     """Serve until SIGTERM/SIGINT. ``reload`` re-reads the configuration (SIGHUP, POST
     /admin/reload); ``log_setup(worker)`` configures logging in each process (picklable)."""
     if workers <= 1:
-        _run_loop(serve_forever(config, reload=reload))
+        try:
+            _run_loop(serve_forever(config, reload=reload))
+        except ConfigError as exc:  # found while building the balancer (a classifier that will not load, ...)
+            print(f"prefixlb serve: {exc}", file=sys.stderr)
+            return 2
         return 0
     if not hasattr(socket, "SO_REUSEPORT"):
         print("prefixlb serve: --workers needs SO_REUSEPORT (Linux, BSD, macOS)", file=sys.stderr)
