@@ -128,6 +128,75 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return runner.main(args.rest)
 
 
+def _cmd_sim(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from prefixlb.sim.run import SimSettings, run, to_markdown
+
+    policies = tuple(p.strip() for p in (args.policies or args.policy).split(",") if p.strip())
+    s = SimSettings(workload=args.workload, requests=args.requests, replicas=args.replicas, policies=policies,
+                    profile=args.profile, load=args.load, pressure=args.pressure,
+                    kv_capacity_tokens=args.kv_capacity_tokens, index_capacity_tokens=args.index_capacity_tokens,
+                    scrape_interval=args.scrape_interval, network_s=args.network_ms / 1e3, time_scale=args.time_scale,
+                    balancers=args.balancers, seed=args.seed, bounds=args.bounds,
+                    bounds_requests=args.bounds_requests, progress=not args.no_progress)
+    try:
+        report = run(s, command=" ".join(["prefixlb", "sim", *args.argv]))
+    except ValueError as exc:
+        print(f"prefixlb sim: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+    md = to_markdown(report)
+    if args.markdown:
+        Path(args.markdown).write_text(md)
+    print(md)
+    return 0
+
+
+def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    from prefixlb.sim.workloads import WORKLOAD_NAMES
+
+    p.add_argument("--workload", default="tenants", choices=WORKLOAD_NAMES,
+                   help="the live benchmark's workloads, scaled to --requests (default tenants)")
+    p.add_argument("--requests", type=int, default=10_000, help="requests in the workload (default 10,000)")
+    p.add_argument("--replicas", type=int, default=16, help="replicas in the fleet (default 16)")
+    p.add_argument("--policy", default="cache_aware",
+                   help="cache_aware (default), round_robin, least_loaded, consistent_hash, sglang_like")
+    p.add_argument("--policies", default=None, metavar="A,B,...",
+                   help="compare several policies on the same workload and fleet (overrides --policy)")
+    p.add_argument("--profile", default="h100-llama3-8b", help="the replicas' hardware/model profile")
+    p.add_argument("--load", type=float, default=0.6,
+                   help="offered prompt tokens/s as a fraction of the fleet's prefill throughput, counting every "
+                        "prompt token as uncached, as prefixlb bench does (default 0.6)")
+    p.add_argument("--pressure", type=float, default=1.2, metavar="X",
+                   help="size the fleet's KV at X times the workload's shared working set, at least 20,000 tokens "
+                        "a replica, as prefixlb bench does (default 1.2; 0 = the profile's capacity)")
+    p.add_argument("--kv-capacity-tokens", type=int, default=None, metavar="N",
+                   help="KV tokens per replica (overrides --pressure)")
+    p.add_argument("--index-capacity-tokens", type=int, default=None, metavar="N",
+                   help="tokens the balancer's prefix index may hold per replica (default: the replica's KV; "
+                        "sglang_like: 2^26 characters, as sglang-router's tree)")
+    p.add_argument("--scrape-interval", type=float, default=1.0, metavar="S",
+                   help="seconds between scrapes of each replica's /metrics (default 1; 0 = never)")
+    p.add_argument("--network-ms", type=float, default=0.3, help="one-way balancer <-> replica latency (default 0.3)")
+    p.add_argument("--time-scale", type=float, default=1.0,
+                   help="replicas run this many times faster than the balancer's clock, as an emulated fleet with "
+                        "--time-scale X (default 1: real hardware)")
+    p.add_argument("--balancers", type=int, default=1,
+                   help="independent balancer processes, requests spread over them (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bounds", default="auto", choices=("auto", "full", "off"),
+                   help="pooled-cache hit rate and TTFT floor (benchmarks/bounds.py): auto = over all requests up to "
+                        "--bounds-requests, else over the first that many; full = all; off (default auto)")
+    p.add_argument("--bounds-requests", type=int, default=100_000, metavar="N")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the report (the benchmark's JSON shape) here")
+    p.add_argument("--markdown", default=None, metavar="OUT", help="write the Markdown summary here")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
 def _cmd_train_router(args: argparse.Namespace) -> int:
     from prefixlb.routing.classifier.commands import run_train
 
@@ -228,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     p.set_defaults(func=_cmd_bench, raw=True)
 
+    p = sub.add_parser("sim", help="simulate fleets of thousands of replicas on a virtual clock (same engine, "
+                                   "same routing code)",
+                       description="Discrete-event simulation: the emulator's engine per replica, the server's routing "
+                                   "core, a virtual clock; reports the live benchmark's metrics and bounds.")
+    _add_sim_arguments(p)
+    p.set_defaults(func=_cmd_sim)
+
     p = sub.add_parser("demo", help="an emulated vLLM fleet behind prefixlb: cache_aware vs round_robin")
     p.add_argument("--requests", type=int, default=None, help="requests per policy (default 600)")
     p.add_argument("--rate", type=float, default=None, help="emulated requests per second (default 14)")
@@ -281,6 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = argparse.Namespace(func=_cmd_bench, rest=argv[1:])
     else:
         args = parser.parse_args(argv)
+        args.argv = argv[1:]
     return int(args.func(args) or 0)
 
 

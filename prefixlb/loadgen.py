@@ -9,11 +9,13 @@ if it came from the hardware the profile models.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import math
 import random
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -31,6 +33,13 @@ __all__ = [
     "chat_workload",
     "docqa_workload",
     "drive",
+    "imix",
+    "iter_agent_workload",
+    "iter_chat_workload",
+    "iter_docqa_workload",
+    "iter_llmd_workload",
+    "iter_tenant_workload",
+    "iter_unique_workload",
     "llmd_workload",
     "mix",
     "replica_counters",
@@ -128,17 +137,25 @@ def tenant_workload(
     ramp_to: float | None = None,
 ) -> list[RequestSpec]:
     """Tenants with a shared system prompt each, Zipf popularity, Poisson arrivals."""
+    return list(iter_tenant_workload(seed=seed, tenants=tenants, system_tokens=system_tokens,
+                                     query_tokens=query_tokens, requests=requests, rate=rate, zipf=zipf,
+                                     max_tokens=max_tokens, model=model, ramp_to=ramp_to))
+
+
+def iter_tenant_workload(*, seed: int = 0, tenants: int = 32, system_tokens: int = 2048, query_tokens: int = 128,
+                         requests: int = 400, rate: float = 10.0, zipf: float = 1.1, max_tokens: int = 32,
+                         model: str = "auto", ramp_to: float | None = None) -> Iterator[RequestSpec]:
+    """:func:`tenant_workload` one request at a time (the same requests, in the same order)."""
     rng = random.Random(seed)
     systems = [f"[tenant {t}] " + text_of_tokens(rng, system_tokens) for t in range(tenants)]
     weights = [1.0 / (k + 1) ** zipf for k in range(tenants)]
-    out = []
-    for i, t in enumerate(arrival_times(rng, requests, rate, ramp_to)):
-        k = rng.choices(range(tenants), weights)[0]
+    population = range(tenants)
+    for i, t in enumerate(array("d", arrival_times(rng, requests, rate, ramp_to))):
+        k = rng.choices(population, weights)[0]
         msgs = [{"role": "system", "content": systems[k]},
                 {"role": "user", "content": f"({i}) " + text_of_tokens(rng, query_tokens)}]
-        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
-                               group=f"tenant-{k}", shared_tokens=system_tokens))
-    return out
+        yield RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                          group=f"tenant-{k}", shared_tokens=system_tokens)
 
 
 def llmd_workload(*, seed: int = 0, groups: int = 150, prefix_tokens: int = 6000, users: int = 5,
@@ -146,16 +163,23 @@ def llmd_workload(*, seed: int = 0, groups: int = 150, prefix_tokens: int = 6000
                   max_tokens: int = 32, model: str = "auto") -> list[RequestSpec]:
     """llm-d's published "KV-cache wins" setup (field.md): 150 groups sharing a 6K-token prefix,
     5 users each asking 1.2K-token questions, load ramped from 3 to 60 QPS."""
+    return list(iter_llmd_workload(seed=seed, groups=groups, prefix_tokens=prefix_tokens, users=users,
+                                   query_tokens=query_tokens, requests=requests, qps_start=qps_start,
+                                   qps_end=qps_end, max_tokens=max_tokens, model=model))
+
+
+def iter_llmd_workload(*, seed: int = 0, groups: int = 150, prefix_tokens: int = 6000, users: int = 5,
+                       query_tokens: int = 1200, requests: int = 3000, qps_start: float = 3.0, qps_end: float = 60.0,
+                       max_tokens: int = 32, model: str = "auto") -> Iterator[RequestSpec]:
+    """:func:`llmd_workload` one request at a time (the same requests, in the same order)."""
     rng = random.Random(seed)
     prefixes = [f"[group {g}] " + text_of_tokens(rng, prefix_tokens) for g in range(groups)]
-    out = []
-    for i, t in enumerate(arrival_times(rng, requests, qps_start, qps_end)):
+    for i, t in enumerate(array("d", arrival_times(rng, requests, qps_start, qps_end))):
         g, u = rng.randrange(groups), rng.randrange(users)
         msgs = [{"role": "system", "content": prefixes[g]},
                 {"role": "user", "content": f"[user {u}] ({i}) " + text_of_tokens(rng, query_tokens)}]
-        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
-                               group=f"group-{g}", shared_tokens=prefix_tokens))
-    return out
+        yield RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                          group=f"group-{g}", shared_tokens=prefix_tokens)
 
 
 def chat_workload(*, seed: int = 0, conversations: int = 40, turns: tuple[int, int] = (3, 8),
@@ -165,10 +189,23 @@ def chat_workload(*, seed: int = 0, conversations: int = 40, turns: tuple[int, i
     """Multi-turn chat: each turn resends the whole history (system prompt, earlier turns and
     answers) plus a new user message; turns of a conversation are ``think_s`` (exponential) apart,
     conversations start as a Poisson process at ``rate``."""
+    return list(iter_chat_workload(seed=seed, conversations=conversations, turns=turns,
+                                   system_tokens=system_tokens, user_tokens=user_tokens,
+                                   answer_tokens=answer_tokens, think_s=think_s, rate=rate,
+                                   max_tokens=max_tokens, model=model))
+
+
+def iter_chat_workload(*, seed: int = 0, conversations: int = 40, turns: tuple[int, int] = (3, 8),
+                       system_tokens: int = 300, user_tokens: int = 200, answer_tokens: int = 250,
+                       think_s: float = 4.0, rate: float = 2.0, max_tokens: int = 64,
+                       model: str = "auto") -> Iterator[RequestSpec]:
+    """:func:`chat_workload` one request at a time, in arrival order (the same requests, in the
+    same order: conversations overlap in time, so only those still running are held)."""
     rng = random.Random(seed)
-    out = []
     starts = arrival_times(rng, conversations, rate)
-    for c, t0 in enumerate(starts):
+
+    def conversation(c: int, t0: float) -> list[RequestSpec]:
+        out = []
         history = [{"role": "system", "content": f"[conversation {c}] " + text_of_tokens(rng, system_tokens)}]
         t = t0
         shared = system_tokens
@@ -180,24 +217,33 @@ def chat_workload(*, seed: int = 0, conversations: int = 40, turns: tuple[int, i
             history = history + [{"role": "assistant", "content": text_of_tokens(rng, answer_tokens)}]
             shared += user_tokens + answer_tokens
             t += rng.expovariate(1.0 / think_s)
-    out.sort(key=lambda r: r.at)
-    return out
+        return out
+
+    return _in_arrival_order(conversation(c, t0) for c, t0 in enumerate(starts))
 
 
 def docqa_workload(*, seed: int = 0, documents: int = 8, doc_tokens: int = 8000, questions: int = 300,
                    question_tokens: int = 60, zipf: float = 0.8, rate: float = 6.0, max_tokens: int = 48,
                    model: str = "auto") -> list[RequestSpec]:
     """Long-document QA: many short questions over a few long documents (Zipf popularity)."""
+    return list(iter_docqa_workload(seed=seed, documents=documents, doc_tokens=doc_tokens, questions=questions,
+                                    question_tokens=question_tokens, zipf=zipf, rate=rate, max_tokens=max_tokens,
+                                    model=model))
+
+
+def iter_docqa_workload(*, seed: int = 0, documents: int = 8, doc_tokens: int = 8000, questions: int = 300,
+                        question_tokens: int = 60, zipf: float = 0.8, rate: float = 6.0, max_tokens: int = 48,
+                        model: str = "auto") -> Iterator[RequestSpec]:
+    """:func:`docqa_workload` one request at a time (the same requests, in the same order)."""
     rng = random.Random(seed)
     docs = [f"[document {d}] " + text_of_tokens(rng, doc_tokens) for d in range(documents)]
     weights = [1.0 / (k + 1) ** zipf for k in range(documents)]
-    out = []
-    for i, t in enumerate(arrival_times(rng, questions, rate)):
-        d = rng.choices(range(documents), weights)[0]
+    population = range(documents)
+    for i, t in enumerate(array("d", arrival_times(rng, questions, rate))):
+        d = rng.choices(population, weights)[0]
         msgs = [{"role": "user", "content": docs[d] + f"\n\nQuestion {i}: " + text_of_tokens(rng, question_tokens)}]
-        out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
-                               group=f"doc-{d}", shared_tokens=doc_tokens))
-    return out
+        yield RequestSpec(t, "/v1/chat/completions", _chat_body(msgs, max_tokens, model),
+                          group=f"doc-{d}", shared_tokens=doc_tokens)
 
 
 def agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, int] = (4, 12), system_tokens: int = 1500,
@@ -205,9 +251,21 @@ def agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, int] = 
                    max_tokens: int = 64, model: str = "auto") -> list[RequestSpec]:
     """Agent loops: a system prompt and task, then each step appends the model's tool call and the
     tool's output and asks again, ``step_gap_s`` (exponential) apart."""
+    return list(iter_agent_workload(seed=seed, agents=agents, steps=steps, system_tokens=system_tokens,
+                                    tool_tokens=tool_tokens, step_gap_s=step_gap_s, rate=rate,
+                                    max_tokens=max_tokens, model=model))
+
+
+def iter_agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, int] = (4, 12),
+                        system_tokens: int = 1500, tool_tokens: tuple[int, int] = (150, 900),
+                        step_gap_s: float = 1.0, rate: float = 1.5, max_tokens: int = 64,
+                        model: str = "auto") -> Iterator[RequestSpec]:
+    """:func:`agent_workload` one request at a time, in arrival order (the same requests, in the
+    same order)."""
     rng = random.Random(seed)
-    out = []
-    for a, t0 in enumerate(arrival_times(rng, agents, rate)):
+
+    def agent(a: int, t0: float) -> list[RequestSpec]:
+        out = []
         history = [{"role": "system", "content": f"[agent {a}] " + text_of_tokens(rng, system_tokens)},
                    {"role": "user", "content": "Task: " + text_of_tokens(rng, 120)}]
         t, shared = t0, system_tokens
@@ -219,18 +277,45 @@ def agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, int] = 
                                  {"role": "tool", "content": text_of_tokens(rng, tool)}]
             shared += 150 + tool
             t += rng.expovariate(1.0 / step_gap_s)
-    out.sort(key=lambda r: r.at)
-    return out
+        return out
+
+    return _in_arrival_order(agent(a, t0) for a, t0 in enumerate(arrival_times(rng, agents, rate)))
+
+
+def _in_arrival_order(sessions: Iterable[list[RequestSpec]]) -> Iterator[RequestSpec]:
+    """Merge sessions (each in time order, starting in time order) into one stream in arrival
+    order, as a stable sort of all their requests would: a session is generated only when the
+    stream reaches its start, and requests wait in a heap until no later session can precede them."""
+    heap: list[tuple[float, int, RequestSpec]] = []
+    seq = 0
+    for session in sessions:
+        if not session:
+            continue
+        start = session[0].at
+        while heap and heap[0][0] <= start:  # every later request is at >= start, and was made later
+            yield heapq.heappop(heap)[2]
+        for r in session:
+            heapq.heappush(heap, (r.at, seq, r))
+            seq += 1
+    while heap:
+        yield heapq.heappop(heap)[2]
 
 
 def unique_workload(*, seed: int = 0, requests: int = 300, prompt_tokens: int = 2000, rate: float = 8.0,
                     max_tokens: int = 32, model: str = "auto") -> list[RequestSpec]:
     """The no-sharing control: every prompt is unique from its first token."""
+    return list(iter_unique_workload(seed=seed, requests=requests, prompt_tokens=prompt_tokens, rate=rate,
+                                     max_tokens=max_tokens, model=model))
+
+
+def iter_unique_workload(*, seed: int = 0, requests: int = 300, prompt_tokens: int = 2000, rate: float = 8.0,
+                         max_tokens: int = 32, model: str = "auto") -> Iterator[RequestSpec]:
+    """:func:`unique_workload` one request at a time (the same requests, in the same order)."""
     rng = random.Random(seed)
-    return [RequestSpec(t, "/v1/chat/completions",
-                        _chat_body([{"role": "user", "content": f"<{i}> " + text_of_tokens(rng, prompt_tokens)}],
-                                   max_tokens, model), group=f"unique-{i}")
-            for i, t in enumerate(arrival_times(rng, requests, rate))]
+    for i, t in enumerate(array("d", arrival_times(rng, requests, rate))):
+        yield RequestSpec(t, "/v1/chat/completions",
+                          _chat_body([{"role": "user", "content": f"<{i}> " + text_of_tokens(rng, prompt_tokens)}],
+                                     max_tokens, model), group=f"unique-{i}")
 
 
 def trace_workload(path: str, *, model: str | None = None, limit: int | None = None) -> list[RequestSpec]:
@@ -265,6 +350,16 @@ def trace_workload(path: str, *, model: str | None = None, limit: int | None = N
 def mix(*workloads: list[RequestSpec]) -> list[RequestSpec]:
     """Interleave workloads by arrival time."""
     return sorted((r for w in workloads for r in w), key=lambda r: r.at)
+
+
+def imix(*workloads: Iterable[RequestSpec]) -> Iterator[RequestSpec]:
+    """:func:`mix` over streams already in arrival order, lazily (the same order: on equal arrival
+    times, earlier workloads first, as the stable sort in ``mix`` orders them)."""
+    return heapq.merge(*workloads, key=_at)
+
+
+def _at(r: RequestSpec) -> float:
+    return r.at
 
 
 def shared_working_set(specs: Sequence[RequestSpec]) -> int:

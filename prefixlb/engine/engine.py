@@ -3,7 +3,10 @@
 The caller owns the clock. ``add_request(req, now)`` queues a request; ``step(now)`` plans one
 forward pass the way vLLM v1's scheduler does (FCFS), commits it, and returns a
 :class:`StepResult` whose outputs and KV events take effect at ``result.end``. Call ``step``
-again at or after that time. Nothing here does I/O or reads a clock.
+again at or after that time. ``advance(now)`` is the same step for a caller that needs only
+when it ends and which requests got their first token or finished (the simulator: building an
+output object for every streamed token is most of a step's cost). Nothing here does I/O or
+reads a clock.
 
 Scheduling (``vllm/v1/core/sched/scheduler.py``, FCFS policy):
 
@@ -30,8 +33,10 @@ from __future__ import annotations
 import hashlib
 import math
 import random
+import sys
 from array import array
 from collections import deque
+from collections.abc import Sequence
 
 from .events import KVEvent
 from .hashing import BlockHasher
@@ -41,13 +46,15 @@ from .profiles import Profile, get_profile
 from .quality import QualityOutcome, assess, difficulty_from_digest, token_logprob
 from .request import EngineRequest, RequestState, Status
 from .stats import EngineCounters, MetricsSnapshot
-from .timing import StepComposition, chunk_pairs, step_duration
+from .timing import StepComposition, step_duration, step_seconds
 from .tokenizer import Tokenizer, default_tokenizer
 
 __all__ = ["Engine"]
 
 #: vLLM's default ``--max-logprobs``.
 DEFAULT_MAX_LOGPROBS = 20
+_LITTLE = sys.byteorder == "little"
+_BYTES_BELOW = [bytes(range(k)) for k in range(256)]  # _BYTES_BELOW[k]: the bytes 0 .. k-1
 
 
 class Engine:
@@ -195,10 +202,12 @@ class Engine:
         n = len(prompt)
         if n == 0:
             raise ValueError("The decoder prompt cannot be empty")
-        lo, hi = min(prompt), max(prompt)
-        if lo < 0 or hi >= self.tokenizer.vocab_size:
-            bad = lo if lo < 0 else hi
-            raise ValueError(f"Token id {bad} is out of vocabulary")
+        packed = self._packed_ids(prompt)
+        if packed is None:
+            lo, hi = min(prompt), max(prompt)
+            if lo < 0 or hi >= self.tokenizer.vocab_size:
+                bad = lo if lo < 0 else hi
+                raise ValueError(f"Token id {bad} is out of vocabulary")
         if req.max_tokens is not None and req.max_tokens < 1:
             raise ValueError(f"max_tokens must be at least 1, got {req.max_tokens}.")
         if req.min_tokens < 0 or (req.max_tokens is not None and req.min_tokens > req.max_tokens):
@@ -217,17 +226,40 @@ class Engine:
                 f"number of requested output tokens."
             )
         max_tokens = req.max_tokens if req.max_tokens is not None else limit - n
-        digest = hashlib.blake2b(array("I", prompt).tobytes(), digest_size=16).digest()
+        digest = hashlib.blake2b((packed if packed is not None else array("I", prompt)).tobytes(),
+                                 digest_size=16).digest()
         seed_material = hashlib.blake2b(
             self._model_key + b"\0" + digest + b"\0" + (b"-" if req.seed is None else str(req.seed).encode()),
             digest_size=16,
         ).digest()
-        r = RequestState(req, now, max_tokens, digest, seed_material)
+        r = RequestState(req, now, max_tokens, digest, seed_material,
+                         array("I", packed) if packed is not None else None)
         r.natural_len = max(_natural_length(r.rng, self.profile.mean_output_tokens), req.min_tokens)
+        r.eos_at = -1 if req.ignore_eos else r.natural_len
         if self.enable_prefix_caching:
-            self.hasher.extend(r.block_hashes, r.all_token_ids, r.extra_keys)
+            self.hasher.extend(r.block_hashes, packed if packed is not None else r.all_token_ids, r.extra_keys)
         self._requests[rid] = r
         self._waiting.append(r)
+
+    def _packed_ids(self, prompt) -> array | None:
+        """The prompt as array('I') when every id is a valid token id, else None (the caller
+        then finds the bad one). Checks the top byte of each id first: one C-speed pass over
+        bytes instead of boxing thousands of ints for min() and max()."""
+        try:
+            packed = prompt if isinstance(prompt, array) and prompt.typecode == "I" else array("I", prompt)
+        except (OverflowError, TypeError):
+            return None  # negative, >= 2**32, or not an int
+        if not packed:
+            return None
+        limit = self.tokenizer.vocab_size - 1  # the largest valid id
+        if limit >= 0xFFFFFFFF:
+            return packed
+        if limit >= 0x1000000:
+            raw = packed.tobytes()
+            # delete every top byte below the limit's; nothing left: every id is below the limit
+            if not (raw[3::4] if _LITTLE else raw[0::4]).translate(None, _BYTES_BELOW[limit >> 24]):
+                return packed
+        return packed if max(packed) <= limit else None
 
     def abort(self, request_id: str, now: float) -> RequestOutput | None:
         """Stop a request now and free its blocks; None if it is unknown or already finished."""
@@ -245,36 +277,84 @@ class Engine:
 
     def step(self, now: float) -> StepResult | None:
         """Plan and commit one step starting at ``now``; None when there is nothing to run."""
-        if not self._running and not self._waiting:
+        plan = self._plan(now)
+        if plan is None:
+            return None
+        scheduled, preempted, prefill, decode, context, pairs = plan
+        comp = StepComposition(prefill, decode, context, pairs)
+        duration = step_duration(self.profile, comp)
+        end = now + duration
+        outputs = self._commit(scheduled, end, True)
+        return StepResult(
+            start=now,
+            duration=duration,
+            composition=comp,
+            scheduled={r.request_id: n for r, n, _ in scheduled},
+            outputs=outputs,
+            events=self.kv.take_events(),
+            preempted=[r.request_id for r in preempted],
+        )
+
+    def advance(self, now: float) -> tuple[float, list[RequestOutput]] | None:
+        """:meth:`step` for a caller that only needs when the step ends and which requests got
+        their first token or finished in it (the simulator): the same plan and commit, the same
+        state afterwards, but no :class:`StepResult` and no outputs for the tokens in between.
+        KV events stay queued for :meth:`take_events`. None when there is nothing to run."""
+        plan = self._plan(now)
+        if plan is None:
+            return None
+        scheduled, _preempted, prefill, decode, context, pairs = plan
+        end = now + step_seconds(self.profile, prefill, decode, context, pairs)
+        return end, self._commit(scheduled, end, False)
+
+    # -- internals -------------------------------------------------------------------------------
+
+    def _plan(self, now: float):
+        """Schedule one step (see the module docstring): (scheduled, preempted, prefill tokens,
+        decode sequences, context tokens, attention pairs), or None with nothing to run."""
+        running = self._running
+        if not running and not self._waiting:
             return None
         p = self.profile
         kv = self.kv
+        allocate = kv.allocate_slots
         budget = p.max_num_batched_tokens
-        max_len = p.max_model_len
+        last = p.max_model_len - 1
         scheduled: list[tuple[RequestState, int, int]] = []  # (request, new tokens, computed before)
         preempted: list[RequestState] = []
-        running = self._running
+        prefill = decode = context = pairs = 0  # the step's composition
 
-        i = 0
-        while i < len(running) and budget > 0:
-            r = running[i]
-            n = min(r.num_tokens - r.num_computed_tokens, budget, max_len - 1 - r.num_computed_tokens)
-            if n <= 0:
-                i += 1
-                continue
-            fits = True
-            while kv.allocate_slots(r, n) is None:
-                victim = running.pop()  # the lowest-priority running request under FCFS
-                self._preempt(victim)
-                preempted.append(victim)
-                if victim is r:
-                    fits = False
-                    break
-            if not fits:
+        for r in running:  # a preemption pops the list's tail: the loop then ends sooner
+            if budget <= 0:
                 break
-            scheduled.append((r, n, r.num_computed_tokens))
+            c0 = r.num_computed_tokens
+            total = len(r.all_token_ids)
+            n = total - c0
+            if budget < n:
+                n = budget
+            if last - c0 < n:
+                n = last - c0
+            if n <= 0:
+                continue
+            if allocate(r, n) is None:
+                fits = False
+                while not fits:
+                    victim = running.pop()  # the lowest-priority running request under FCFS
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is r:
+                        break
+                    fits = allocate(r, n) is not None
+                if not fits:
+                    break
+            scheduled.append((r, n, c0))
             budget -= n
-            i += 1
+            context += c0 + n
+            pairs += n * c0 + n * (n + 1) // 2  # chunk_pairs(n, c0)
+            if n == 1 and c0 == total - 1 and c0 >= r.num_prompt_tokens:
+                decode += 1  # one new token after the whole prompt and >= 1 output token
+            else:
+                prefill += n
 
         if not preempted:
             waiting = self._waiting
@@ -283,7 +363,7 @@ class Engine:
                 r = waiting[0]
                 prefix = kv.get_computed_blocks(r.block_hashes, r.num_tokens)
                 n = min(r.num_tokens - prefix.num_tokens, budget)
-                if kv.allocate_slots(r, n, prefix) is None:
+                if allocate(r, n, prefix) is None:
                     break  # FCFS: nobody overtakes the head of the queue
                 waiting.popleft()
                 if self.enable_prefix_caching and r.num_preemptions == 0:
@@ -296,32 +376,16 @@ class Engine:
                     r.first_scheduled = now
                 r.status = Status.RUNNING
                 running.append(r)
-                scheduled.append((r, n, prefix.num_tokens))
+                c0 = prefix.num_tokens
+                scheduled.append((r, n, c0))
                 budget -= n
-
-        prefill = decode = context = pairs = 0
-        for r, n, c0 in scheduled:
-            context += c0 + n
-            pairs += chunk_pairs(n, c0)
-            if n == 1 and r.num_output_tokens > 0 and c0 == r.num_tokens - 1:
-                decode += 1
-            else:
-                prefill += n
-        comp = StepComposition(prefill, decode, context, pairs)
-        duration = step_duration(p, comp)
-        end = now + duration
-        outputs = self._commit(scheduled, end)
-        return StepResult(
-            start=now,
-            duration=duration,
-            composition=comp,
-            scheduled={r.request_id: n for r, n, _ in scheduled},
-            outputs=outputs,
-            events=kv.take_events(),
-            preempted=[r.request_id for r in preempted],
-        )
-
-    # -- internals -------------------------------------------------------------------------------
+                context += c0 + n
+                pairs += n * c0 + n * (n + 1) // 2
+                if n == 1 and c0 == len(r.all_token_ids) - 1 and c0 >= r.num_prompt_tokens:
+                    decode += 1
+                else:
+                    prefill += n
+        return scheduled, preempted, prefill, decode, context, pairs
 
     def _preempt(self, r: RequestState) -> None:
         self.kv.free(r.request_id)
@@ -331,57 +395,80 @@ class Engine:
         self.counters.num_preemptions += 1
         self._waiting.appendleft(r)
 
-    def _commit(self, scheduled: list[tuple[RequestState, int, int]], end: float) -> list[RequestOutput]:
+    def _commit(self, scheduled: list[tuple[RequestState, int, int]], end: float, every: bool) -> list[RequestOutput]:
+        """Apply a planned step at ``end``: one token for each request whose prompt is done.
+        Returns an output per such request (``every``), or only first tokens and finishes."""
         counters = self.counters
         outputs: list[RequestOutput] = []
         any_finished = False
+        caching = self.enable_prefix_caching
+        hasher = self.hasher
+        bs = hasher.block_size
+        max_len = self.profile.max_model_len
+        eos = self.tokenizer.eos_token_id
+        pool: Sequence[int] = ()
+        npool = bits = generated = 0
         for r, n, c0 in scheduled:
-            r.num_computed_tokens = c0 + n
-            if r.num_computed_tokens < r.num_tokens:
+            computed = c0 + n
+            r.num_computed_tokens = computed
+            ids = r.all_token_ids
+            if computed < len(ids):
                 continue  # a prefill chunk: the sampled token is discarded
-            token = self._next_token(r)
-            r.all_token_ids.append(token)
-            if self.enable_prefix_caching:
-                self.hasher.extend(r.block_hashes, r.all_token_ids, r.extra_keys)
+            n_out = len(ids) - r.num_prompt_tokens  # output tokens before this one
+            # the next token: scripted, else EOS at the natural length, else from the sample pool
+            req = r.req
+            scripted = req.output_token_ids
+            if scripted is not None and n_out < len(scripted):
+                token = scripted[n_out]
+            elif n_out + 1 == r.eos_at:
+                token = eos
+            else:
+                if not npool:
+                    pool = self.tokenizer.sample_pool
+                    npool = len(pool)
+                    bits = npool.bit_length()
+                # rng.randrange(npool), inlined: CPython's Random._randbelow_with_getrandbits
+                # (tests/sim pins the equality)
+                getrandbits = r.rng.getrandbits
+                x = getrandbits(bits)
+                while x >= npool:
+                    x = getrandbits(bits)
+                token = pool[x]
+            try:
+                ids.append(token)
+            except (OverflowError, TypeError):  # a scripted id that is no uint32: keep a list from now on
+                r.all_token_ids = ids = list(ids)
+                ids.append(token)
+            n_out += 1
+            if caching and len(ids) // bs > len(r.block_hashes):
+                hasher.extend(r.block_hashes, ids, r.extra_keys)
             first = r.first_token is None
             if first:
                 r.first_token = end
                 counters.prompt_tokens += r.num_prompt_tokens
-            counters.generation_tokens += 1
+            generated += 1
             lps = None
-            if r.req.logprobs is not None:
+            if req.logprobs is not None:
                 lps = [self._logprob(r, token)]
-            reason = self._stop_reason(r, token)
+            # vLLM's check_stop order: length first, then min_tokens, then EOS
+            if len(ids) >= max_len or n_out >= r.max_tokens:
+                reason: FinishReason | None = "length"
+            elif n_out < req.min_tokens or token != eos or req.ignore_eos:
+                reason = None
+            else:
+                reason = "stop"
             if reason is None:
-                outputs.append(self._output(r, [token], first, None, lps))
+                if every or first:
+                    outputs.append(self._output(r, [token], first, None, lps))
             else:
                 any_finished = True
                 del self._requests[r.request_id]
                 self.kv.free(r.request_id)
                 outputs.append(self._finish(r, reason, end, [token], lps, first))
+        counters.generation_tokens += generated
         if any_finished:
             self._running = [r for r in self._running if r.status is Status.RUNNING]
         return outputs
-
-    def _next_token(self, r: RequestState) -> int:
-        scripted = r.req.output_token_ids
-        if scripted is not None and r.num_output_tokens < len(scripted):
-            return scripted[r.num_output_tokens]
-        if not r.req.ignore_eos and r.num_output_tokens + 1 == r.natural_len:
-            return self.tokenizer.eos_token_id
-        pool = self.tokenizer.sample_pool
-        return pool[r.rng.randrange(len(pool))]
-
-    def _stop_reason(self, r: RequestState, token: int) -> FinishReason | None:
-        # vLLM's check_stop order: length first, then min_tokens, then EOS
-        n_out = r.num_output_tokens
-        if r.num_tokens >= self.profile.max_model_len or n_out >= r.max_tokens:
-            return "length"
-        if n_out < r.req.min_tokens:
-            return None
-        if not r.req.ignore_eos and token == self.tokenizer.eos_token_id:
-            return "stop"
-        return None
 
     def _grade(self, r: RequestState) -> QualityOutcome:
         if r.quality is None:

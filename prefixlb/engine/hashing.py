@@ -77,8 +77,9 @@ def sha256_cbor(obj: Any) -> bytes:
 
 
 def _ids_bytes(token_ids: Sequence[int]) -> bytes:
-    a = array("I", token_ids)
+    a = token_ids if isinstance(token_ids, array) and token_ids.typecode == "I" else array("I", token_ids)
     if not _LITTLE:
+        a = array("I", a)  # a copy: byteswap works in place
         a.byteswap()
     return a.tobytes()
 
@@ -171,12 +172,17 @@ class BlockHasher:
             h = xxhash.xxh64_intdigest
             p = parent
             assert isinstance(p, int)
+            if extra_keys is None:
+                append = hashes.append
+                for o in range(0, (end - start) * step, step):
+                    p = h(data[o : o + step], p)
+                    append(p)
+                return end - start
             for j in range(end - start):
                 seed = p
-                if extra_keys is not None:
-                    ek = extra_keys(start + j)
-                    if ek is not None:
-                        seed = h(repr(ek).encode(), seed=seed)
+                ek = extra_keys(start + j)
+                if ek is not None:
+                    seed = h(repr(ek).encode(), seed=seed)
                 p = h(data[j * step : (j + 1) * step], seed=seed)
                 hashes.append(p)
         return end - start

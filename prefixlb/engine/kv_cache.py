@@ -34,6 +34,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import Any, Protocol
 
 from .events import AllBlocksCleared, BlockRemoved, BlockStored, KVEvent
@@ -43,6 +44,8 @@ __all__ = ["EMPTY_PREFIX", "CacheRequest", "CachedPrefix", "KVBlocks", "KVCacheM
 
 # Key of the free queue's placeholder for never-used blocks (block ids are >= 1).
 _VIRGIN = -1
+# What a lookup of an uncached hash returns (block ids are >= 1).
+_MISS = -1
 
 
 class CacheRequest(Protocol):
@@ -86,6 +89,9 @@ class KVBlocks:
     block_ids: tuple[int, ...]
 
 
+_NO_NEW_BLOCKS = KVBlocks(())
+
+
 class KVCacheManager:
     """One replica's paged KV cache and prefix cache (single KV-cache group, full attention)."""
 
@@ -118,6 +124,7 @@ class KVCacheManager:
         self._num_free = num_gpu_blocks - 1
         # cache key -> block id, or list of block ids when identical blocks were cached twice
         self._cached: dict[BlockHash, int | list[int]] = {}
+        self._num_dup_keys = 0  # keys of _cached whose value is a list
         self._req_blocks: dict[str, list[int]] = {}
         self._req_num_cached: dict[str, int] = {}
         self._events: list[KVEvent] = []
@@ -162,16 +169,20 @@ class KVCacheManager:
         if not self.enable_caching or num_tokens <= 1:
             return EMPTY_PREFIX
         limit = min((num_tokens - 1) // self.block_size, len(block_hashes))
-        cached = self._cached
-        blocks: list[int] = []
-        for i in range(limit):
-            v = cached.get(block_hashes[i])
-            if v is None:
-                break  # a chain: once a block misses, every later block misses too
-            blocks.append(v if isinstance(v, int) else v[0])
-        if not blocks:
+        if limit <= 0:
             return EMPTY_PREFIX
-        return CachedPrefix(len(blocks) * self.block_size, tuple(blocks))
+        # look every block up at C speed, then keep those before the first miss (a chain: once
+        # a block misses, every later block misses too)
+        found = list(map(self._cached.get, block_hashes[:limit], repeat(_MISS, limit)))
+        try:
+            del found[found.index(_MISS):]
+        except ValueError:
+            pass  # every block hit
+        if not found:
+            return EMPTY_PREFIX
+        if self._num_dup_keys:  # identical blocks cached twice: the first one serves
+            found = [v if isinstance(v, int) else v[0] for v in found]
+        return CachedPrefix(len(found) * self.block_size, tuple(found))
 
     def allocate_slots(
         self, request: CacheRequest, num_new_tokens: int, prefix: CachedPrefix = EMPTY_PREFIX
@@ -192,28 +203,43 @@ class KVCacheManager:
         if self.max_model_len is not None and need_tokens > self.max_model_len:
             need_tokens = self.max_model_len
         blocks = self._req_blocks.get(rid)
+        if blocks is not None and need_tokens <= len(blocks) * bs and not prefix._blocks:
+            # the common decode step: the request's blocks already have room for its new tokens
+            # (min(.., num_tokens) // bs can only be smaller: skip reading num_tokens when this is cached)
+            if self.enable_caching and (computed + num_new_tokens) // bs > self._req_num_cached[rid]:
+                num_full = min(computed + num_new_tokens, request.num_tokens) // bs
+                if num_full > self._req_num_cached[rid]:
+                    self._cache_full_blocks(request, blocks, num_full)
+            return _NO_NEW_BLOCKS
         held = len(blocks) if blocks is not None else 0
         if prefix._blocks and held:
             raise ValueError(f"request {rid!r} already holds blocks; a prefix applies only to a new one")
         num_new_blocks = max(0, -(-need_tokens // bs) - held - len(prefix._blocks))
         ref = self._ref
+        hit = prefix._blocks
         # Hit blocks that sit in the free queue stop being free when pinned.
-        num_evictable = sum(1 for b in prefix._blocks if ref[b] == 0) if prefix._blocks else 0
+        if hit:
+            refs = list(map(ref.__getitem__, hit))
+            num_evictable = refs.count(0)
+        else:
+            num_evictable = 0
         if num_new_blocks + num_evictable > self._num_free:
             return None
 
         if blocks is None:
             blocks = self._req_blocks[rid] = []
             self._req_num_cached[rid] = 0
-        if prefix._blocks:
-            free = self._free
-            for b in prefix._blocks:
-                if ref[b] == 0:
-                    del free[b]
-                    self._num_free -= 1
-                ref[b] += 1
-            blocks.extend(prefix._blocks)
-            self._req_num_cached[rid] = len(prefix._blocks)
+        if hit:
+            if num_evictable:
+                free = self._free
+                for b, k in zip(hit, refs):
+                    if k == 0:
+                        del free[b]
+                self._num_free -= num_evictable
+            for b, k in zip(hit, refs):  # the blocks of a chain are distinct
+                ref[b] = k + 1
+            blocks.extend(hit)
+            self._req_num_cached[rid] = len(hit)
         new = self._pop_free(num_new_blocks) if num_new_blocks else []
         blocks.extend(new)
         if self.enable_caching:
@@ -227,21 +253,25 @@ class KVCacheManager:
         if not blocks:
             return 0
         ref, hashes, free = self._ref, self._hash, self._free
-        fresh: list[int] = []
-        released = 0
-        for b in reversed(blocks):
-            ref[b] -= 1
-            if ref[b] == 0:
-                released += 1
-                if hashes[b] is None:
-                    fresh.append(b)
-                else:
-                    free[b] = None  # back of the queue, tail block first
+        tail_first = blocks[::-1]
+        refs = list(map(ref.__getitem__, tail_first))
+        for b, k in zip(tail_first, refs):  # a request's blocks are distinct
+            ref[b] = k - 1
+        if 1 not in refs:
+            return len(blocks)  # every block is still held by another request
+        released = [b for b, k in zip(tail_first, refs) if k == 1]
+        keys = list(map(hashes.__getitem__, released))
+        if None in keys:
+            fresh = [b for b, h in zip(released, keys) if h is None]
+            free.update(dict.fromkeys(b for b, h in zip(released, keys) if h is not None))
+        else:
+            fresh = ()
+            free.update(dict.fromkeys(released))  # to the back of the queue, tail block first
         # Unhashed blocks to the front, keeping their order (fresh[0] ends up first).
         for b in reversed(fresh):
             free[b] = None
             free.move_to_end(b, last=False)
-        self._num_free += released
+        self._num_free += len(released)
         return len(blocks)
 
     def reset_prefix_cache(self) -> bool:
@@ -249,6 +279,7 @@ class KVCacheManager:
         if self._num_free != self.num_gpu_blocks - 1:
             return False
         self._cached = {}
+        self._num_dup_keys = 0
         hashes = self._hash
         for i in range(len(hashes)):
             hashes[i] = None
@@ -259,23 +290,27 @@ class KVCacheManager:
     # -- internals ---------------------------------------------------------------------------
 
     def _pop_free(self, n: int) -> list[int]:
-        free, ref = self._free, self._ref
+        free, ref, hashes = self._free, self._ref, self._hash
         out: list[int] = []
-        for _ in range(n):
-            b = next(iter(free))
+        while len(out) < n:
+            b = free.popitem(last=False)[0]
             if b == _VIRGIN:
-                b = self._next_virgin
-                self._next_virgin += 1
-                if self._next_virgin == self.num_gpu_blocks:
-                    del free[_VIRGIN]
-                ref.append(1)
-                self._hash.append(None)
+                # never-used blocks, in order, as many as needed; the placeholder stays in front
+                # while any are left
+                first = self._next_virgin
+                take = min(n - len(out), self.num_gpu_blocks - first)
+                out.extend(range(first, first + take))
+                ref.extend(repeat(1, take))
+                hashes.extend(repeat(None, take))
+                self._next_virgin = first + take
+                if self._next_virgin < self.num_gpu_blocks:
+                    free[_VIRGIN] = None
+                    free.move_to_end(_VIRGIN, last=False)
             else:
-                del free[b]
-                if self._hash[b] is not None:
+                if hashes[b] is not None:
                     self._evict(b)
                 ref[b] = 1
-            out.append(b)
+                out.append(b)
         self._num_free -= n
         return out
 
@@ -296,6 +331,7 @@ class KVCacheManager:
             v.remove(b)
             if len(v) == 1:
                 self._cached[key] = v[0]
+                self._num_dup_keys -= 1
         if self.enable_events:
             self._events.append(BlockRemoved([external_hash(key)]))
 
@@ -317,6 +353,7 @@ class KVCacheManager:
                 cached[key] = b
             elif isinstance(v, int):
                 cached[key] = [v, b]
+                self._num_dup_keys += 1
             else:
                 v.append(b)
         self._req_num_cached[rid] = num_full
@@ -356,6 +393,7 @@ class KVCacheManager:
                 held[b] = held.get(b, 0) + 1
         for b in range(1, len(self._ref)):
             assert self._ref[b] == held.get(b, 0), f"block {b}: ref {self._ref[b]} != holders {held.get(b, 0)}"
+        assert self._num_dup_keys == sum(1 for v in self._cached.values() if isinstance(v, list)), "dup count drifted"
         for key, v in self._cached.items():
             for b in [v] if isinstance(v, int) else v:
                 assert self._hash[b] == key, f"block {b} indexed under a hash it does not carry"

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, MutableSequence, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -59,6 +59,7 @@ class RequestState:
         "status",
         "max_tokens",
         "natural_len",
+        "eos_at",
         "num_cached_tokens",
         "num_preemptions",
         "arrival",
@@ -75,16 +76,22 @@ class RequestState:
         "extra_keys",
     )
 
-    def __init__(self, req: EngineRequest, arrival: float, max_tokens: int, digest: bytes, seed_material: bytes) -> None:
+    def __init__(self, req: EngineRequest, arrival: float, max_tokens: int, digest: bytes, seed_material: bytes,
+                 token_ids: MutableSequence[int] | None = None) -> None:
         self.req = req
         self.request_id = req.request_id
-        self.all_token_ids: list[int] = list(req.prompt_token_ids)
+        # the prompt, then every generated token; the engine passes an array('I') copy of the
+        # prompt when its ids fit (no list of thousands of ints to build), else this list
+        self.all_token_ids: MutableSequence[int] = (
+            token_ids if token_ids is not None else list(req.prompt_token_ids)
+        )
         self.num_prompt_tokens = len(self.all_token_ids)
         self.num_computed_tokens = 0
         self.block_hashes: list[BlockHash] = []
         self.status = Status.WAITING
         self.max_tokens = max_tokens
         self.natural_len = 0
+        self.eos_at = -1  # the output length at which the model emits EOS (-1: never, ignore_eos)
         self.num_cached_tokens = -1
         self.num_preemptions = 0
         self.arrival = arrival

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-__all__ = ["StepComposition", "StepCosts", "chunk_pairs", "step_duration"]
+__all__ = ["StepComposition", "StepCosts", "chunk_pairs", "step_duration", "step_seconds"]
 
 
 class StepCosts(Protocol):
@@ -59,12 +59,18 @@ def chunk_pairs(num_new: int, num_computed: int) -> int:
 
 def step_duration(costs: StepCosts, comp: StepComposition) -> float:
     """Seconds one step of composition ``comp`` takes; 0 for an empty step."""
-    if comp.prefill_tokens == 0 and comp.decode_seqs == 0:
+    return step_seconds(costs, comp.prefill_tokens, comp.decode_seqs, comp.context_tokens, comp.attention_pairs)
+
+
+def step_seconds(costs: StepCosts, prefill_tokens: int, decode_seqs: int, context_tokens: int,
+                 attention_pairs: int) -> float:
+    """:func:`step_duration` of a composition given as its four numbers (no object built)."""
+    if prefill_tokens == 0 and decode_seqs == 0:
         return 0.0
     return (
         costs.step_base_s
-        + comp.prefill_tokens / costs.prefill_tokens_per_s
-        + comp.decode_seqs * costs.decode_seq_s
-        + comp.context_tokens * costs.context_token_s
-        + comp.attention_pairs * costs.attention_pair_s
+        + prefill_tokens / costs.prefill_tokens_per_s
+        + decode_seqs * costs.decode_seq_s
+        + context_tokens * costs.context_token_s
+        + attention_pairs * costs.attention_pair_s
     )
