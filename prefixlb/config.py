@@ -207,6 +207,11 @@ def check_url(url: Any, path: str) -> str:
     if not isinstance(url, str):
         raise ConfigError(f"{path}: must be an http(s) URL string, got {url!r}")
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # checked first, and the URL is not echoed: the error must not print the secret
+        raise ConfigError(f"{path}: credentials in a URL (user:password@) are not accepted: they would show in "
+                          "logs, metrics and response headers. Clients' Authorization headers are forwarded "
+                          "to the replicas; give the replica its --api-key and send it as a bearer token")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{path}: must be an http(s) URL like http://10.0.0.5:8000, got {url!r}")
     try:

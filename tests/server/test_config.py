@@ -82,3 +82,15 @@ def test_admin_token_from_environment(monkeypatch):
     raw = yaml.safe_load(GOOD)
     raw["admin"] = {"token_env": "PLB_TOKEN"}
     assert parse_config(raw).admin_token == "s3cret"
+
+
+@pytest.mark.parametrize("url", ["http://svc:s3cr3t-pw@10.0.0.5:8000", "http://s3cr3t-pw@10.0.0.5:8000",
+                                 "ftp://u:s3cr3t-pw@host"])
+def test_credentials_in_a_replica_url_are_refused_without_echoing_them(url):
+    with pytest.raises(ConfigError) as e:
+        parse_config({"tiers": [{"name": "a", "replicas": ["http://10.0.0.4:8000", url]}]})
+    assert "tiers[0].replicas[1]" in str(e.value) and "credentials" in str(e.value)
+    assert "s3cr3t" not in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        config_from_flags([url])
+    assert "--replica[0]" in str(e.value) and "s3cr3t" not in str(e.value)
