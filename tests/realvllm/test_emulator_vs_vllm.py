@@ -240,7 +240,9 @@ async def _compare() -> list[str]:
 
     ctx = zmq.asyncio.Context()
     subs, tasks, targets = [], [], {}
-    for name, quiet in (("vllm", 0.3), ("emulator", 0.1)):
+    # the emulator publishes from its own thread: on a loaded 2-core machine (CI runs this next to
+    # other processes) a batch can land 100+ ms after the response, as vLLM's can (seen: 1 run in 5)
+    for name, quiet in (("vllm", 0.3), ("emulator", 0.3)):
         sock = ctx.socket(zmq.SUB)
         sock.setsockopt(zmq.SUBSCRIBE, b"")
         sock.setsockopt(zmq.LINGER, 0)
