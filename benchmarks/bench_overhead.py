@@ -9,6 +9,8 @@ rounds, "added" = target minus ``direct`` in the same round:
 - ``prefixlb``: ``prefixlb serve --replica URL --policy cache_aware`` (the full request path:
   JSON parse, prompt key, hash + match + cost model, proxy, metrics, feedback);
 - ``prefixlb-rr``: the same with ``--policy round_robin``;
+- ``prefixlb-w2``: ``prefixlb`` with ``--workers 2`` (two processes on one port, SO_REUSEPORT,
+  peer sync between them), as the Rust routers use both cores;
 - ``sglang-router``: ``sglang_router.launch_router --policy cache_aware`` (0.3.2);
 - ``vllm-router``: ``vllm-router --policy round_robin`` (0.1.17; its cache_aware adds one
   render call per worker per request, see ../shared/peers.md, so round_robin is its fastest).
@@ -85,13 +87,15 @@ async def role_replica() -> None:
 def start_targets(replica: str, wanted: list[str]) -> tuple[dict[str, Target], dict[str, str]]:
     probe = ("/v1/chat/completions", BODY)
     how = {"prefixlb": ("prefixlb", "cache_aware"), "prefixlb-rr": ("round_robin", "cache_aware"),
+           "prefixlb-w2": ("prefixlb", "cache_aware"),
            "sglang-router": ("sglang-router", "cache_aware"), "vllm-router": ("vllm-router", "round_robin")}
     targets: dict[str, Target] = {}
     skipped: dict[str, str] = {}
     for name in wanted:
         kind, peer_policy = how[name]
         try:
-            targets[name] = start_target(kind, [replica], probe=probe, peer_policy=peer_policy)
+            extra = ["--workers", "2"] if name == "prefixlb-w2" else None
+            targets[name] = start_target(kind, [replica], probe=probe, peer_policy=peer_policy, extra=extra)
         except RuntimeError as exc:
             skipped[name] = str(exc)
     return targets, skipped
@@ -170,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--role", choices=["replica"], help=argparse.SUPPRESS)
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--targets", default="prefixlb,prefixlb-rr,sglang-router,vllm-router")
+    ap.add_argument("--targets", default="prefixlb,prefixlb-rr,prefixlb-w2,sglang-router,vllm-router")
     ap.add_argument("--json", type=Path, default=RESULTS / "bench_overhead.json")
     ap.add_argument("--markdown", type=Path, default=RESULTS / "bench_overhead.md")
     args = ap.parse_args(argv)

@@ -78,17 +78,34 @@ class Target:
         raise RuntimeError(f"{self.name} never proxied a request ({last})")
 
     def cpu_ns(self) -> int:
+        """CPU time of every thread of every process in the target's process group (its
+        workers included: ``prefixlb serve --workers N`` forks them)."""
         total = 0
-        try:
-            tasks = list(Path(f"/proc/{self.p.pid}/task").iterdir())
-        except FileNotFoundError:
-            return 0
-        for task in tasks:
+        for pid in self._group_pids():
             try:
-                total += int((task / "schedstat").read_text().split()[0])
-            except (FileNotFoundError, ProcessLookupError):
-                pass
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except FileNotFoundError:
+                continue
+            for task in tasks:
+                try:
+                    total += int((task / "schedstat").read_text().split()[0])
+                except (FileNotFoundError, ProcessLookupError):
+                    pass
         return total
+
+    def _group_pids(self) -> list[int]:
+        pids = []
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            # fields after the ")" closing the command name: state, ppid, pgrp, ...
+            if int(stat.rsplit(")", 1)[1].split()[2]) == self.p.pid:
+                pids.append(int(d.name))
+        return pids
 
     def stop(self) -> None:
         try:
