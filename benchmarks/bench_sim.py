@@ -129,6 +129,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default=None,
                     help="comparison sizes as REPLICAS:REQUESTS[,...] (default 256:20000,1024:30000); results "
                          "for other sizes already in bench_sim.json are kept")
+    ap.add_argument("--workloads", default="tenants,llmd,mixed", help="comparison workloads (default all three)")
     ap.add_argument("--no-progress", action="store_true")
     ap.add_argument("--render", action="store_true", help="only write the Markdown again from the JSON")
     args = ap.parse_args(argv)
@@ -165,16 +166,20 @@ def main(argv=None) -> int:
             sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]
         else:
             sizes = [(16, 800), (32, 1_600)] if args.quick else [(256, 20_000), (1024, 30_000)]
+        workloads = [w for w in args.workloads.split(",") if w]
         replaced = {r for r, _ in sizes}
-        kept = [c for c in prev.get("comparisons", []) if c["setup"]["replicas"] not in replaced]
+        kept = [c for c in prev.get("comparisons", [])
+                if c["setup"]["replicas"] not in replaced or c["workload"] not in workloads]
 
         def partial(reports: list[dict]) -> None:
-            doc["comparisons"] = sorted(kept + list(reports), key=lambda c: c["setup"]["replicas"])
+            order = {"tenants": 0, "llmd": 1, "mixed": 2}
+            doc["comparisons"] = sorted(kept + list(reports),
+                                        key=lambda c: (c["setup"]["replicas"], order.get(c["workload"], 9)))
             save()
 
         partial([])
 
-        comparisons(sizes, ["tenants", "llmd", "mixed"], progress, on_result=partial)
+        comparisons(sizes, workloads, progress, on_result=partial)
     save()
     print(to_md(doc))
     return 0
