@@ -115,6 +115,8 @@ def to_md(doc: dict) -> str:
                          f"{ca['ttft_p99_ms']:.0f} | {best['name']} {best['ttft_p99_ms']:.0f} | "
                          f"{'yes' if ok.get('has') else '**no**'} | {'yes' if ok.get('hit') else '**no**'} |")
         lines.append("")
+        if doc.get("comparisons_note"):
+            lines += [doc["comparisons_note"], ""]
         for rep in doc["comparisons"]:
             lines += [to_markdown(rep).replace("### ", "#### "), ""]
     return "\n".join(lines) + "\n"
