@@ -273,8 +273,14 @@ def iter_agent_workload(*, seed: int = 0, agents: int = 30, steps: tuple[int, in
             out.append(RequestSpec(t, "/v1/chat/completions", _chat_body(history, max_tokens, model),
                                    group=f"agent-{a}", shared_tokens=shared))
             tool = rng.randint(*tool_tokens)
-            history = history + [{"role": "assistant", "content": f"call tool_{step}(" + text_of_tokens(rng, 30) + ")"},
-                                 {"role": "tool", "content": text_of_tokens(rng, tool)}]
+            # as OpenAI's schema has it (sglang-router rejects a tool message without its call id)
+            call = f"call_{a}_{step}"
+            args = text_of_tokens(rng, 30)
+            history = history + [{"role": "assistant", "content": f"call tool_{step}(" + args + ")",
+                                  "tool_calls": [{"id": call, "type": "function",
+                                                  "function": {"name": f"tool_{step}",
+                                                               "arguments": '{"query": "' + args[:200] + '"}'}}]},
+                                 {"role": "tool", "tool_call_id": call, "content": text_of_tokens(rng, tool)}]
             shared += 150 + tool
             t += rng.expovariate(1.0 / step_gap_s)
         return out
