@@ -437,8 +437,12 @@ async def run(args: argparse.Namespace) -> dict:
         idle["balancer_fds_after_close"] = fd_count(pid)
         report["idle"] = idle
 
-        # (c) oversized: two identical rounds; the first may raise the allocator's high-water mark (a
-        # body is buffered up to max_body_bytes before it is refused), the second must not add to it
+        # (c) oversized: identical rounds; the first may raise the allocator's high-water mark (a
+        # body is buffered up to max_body_bytes before it is refused), the second must not add to it.
+        # RSS moves by one max_body_bytes buffer between samples (glibc's mmap threshold rises to
+        # the size of a freed block, so a freed buffer may or may not be returned; seen 82 -> 51 ->
+        # 82 MiB over three rounds), so round 2 may add one buffer; each round refuses >= 5 bodies
+        # per case, so a per-request leak would add several
         t_c = time.monotonic()
         rss_c0, fds_c0 = rss_kib(pid), fd_count(pid)
         conc = 5 if q else 10
@@ -447,12 +451,14 @@ async def run(args: argparse.Namespace) -> dict:
         rss_c1 = rss_kib(pid)
         over2 = await phase_oversized(port, repeat=5 if q else 50, concurrency=conc)
         await asyncio.sleep(1.0)
+        rss_c2 = rss_kib(pid)
         for a, b in zip(over, over2):
             a["ok"] = a["ok"] and b["ok"]
             a["statuses"] = sorted(set(a["statuses"]) | set(b["statuses"]), key=str)
             a["max_ms"] = max(a["max_ms"], b["max_ms"])
             a["repeat"] += b["repeat"]
         report["oversized"] = {"cases": over, "rss_kib_before": rss_c0, "rss_kib_after_round1": rss_c1,
+                               "rss_kib_after_round2": rss_c2,
                                "rss_kib_after": rss_kib(pid), "concurrency": conc,
                                "fds_before": fds_c0, "fds_after": fd_count(pid), "alive": balancer.alive(),
                                "probe": probe.window(t_c, time.monotonic())}
@@ -532,13 +538,14 @@ def build_checks(r: dict) -> list[dict]:
               all(x["ok"] and x["max_ms"] < (5000 if "chunked" in x["case"] else 1000) for x in over["cases"])),
         check("oversized: the server stays up; memory bounded by the limits and not growing; descriptors back",
               f"alive {over['alive']}; RSS {over['rss_kib_before'] / 1024:.0f} -> {over['rss_kib_after_round1'] / 1024:.0f}"
-              f" (round 1) -> {over['rss_kib_after'] / 1024:.0f} MiB (round 2); fds {over['fds_before']} -> "
+              f" (round 1) -> {over['rss_kib_after_round2'] / 1024:.0f} MiB (round 2); fds {over['fds_before']} -> "
               f"{over['fds_after']}",
-              f"alive; round 1 +<= {over['concurrency']} concurrent x max_body_bytes (+5%); round 2 +<= 5%; "
-              "fds +<= 5",
-              over["alive"] and over["rss_kib_after_round1"] - over["rss_kib_before"]
+              f"alive; within {over['concurrency']} concurrent x max_body_bytes (+5%) of the start; round 2 adds <= 5% "
+              "or one max_body_bytes buffer (allocator hysteresis; a per-request leak adds >= 5); fds +<= 5",
+              over["alive"] and over["rss_kib_after"] - over["rss_kib_before"]
               <= 1.05 * over["concurrency"] * MAX_BODY_BYTES / 1024
-              and over["rss_kib_after"] <= 1.05 * over["rss_kib_after_round1"]
+              and over["rss_kib_after_round2"] - over["rss_kib_after_round1"]
+              <= max(0.05 * over["rss_kib_after_round1"], 1.05 * MAX_BODY_BYTES / 1024)
               and over["fds_after"] <= over["fds_before"] + 5),
         check("disconnects: in-flight returns to 0",
               f"{disc['inflight_after']:g} after {disc['inflight_zero_after_s']} s", "0 within 30 s",
