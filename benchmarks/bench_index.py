@@ -23,18 +23,16 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import json
-import os
-import platform
 import random
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from prefixlb import __version__, index
+from prefixlb import index
+from prefixlb.sim.run import machine  # where a result was measured: every benchmark's record
 
 TOKEN_BYTES = 4
 BLOCK = 64  # bytes per block = 16 tokens
@@ -124,25 +122,6 @@ def run_config(impl, tokens: int, n_blocks: int, replicas: int, requests: int, s
         "bytes_per_entry": round(st["bytes"] / max(1, st["entries"]), 1),
         "unique_blocks": st["unique_blocks"],
         "evictions": st["evictions"],
-    }
-
-
-def machine() -> dict:
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "prefixlb": __version__,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 

@@ -32,7 +32,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,18 +45,12 @@ from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
 from prefixlb.engine import get_profile, request_prompt_ids  # noqa: E402
 from prefixlb.loadgen import (  # noqa: E402
     RequestSpec,
-    agent_workload,
-    chat_workload,
-    docqa_workload,
     drive,
-    llmd_workload,
-    mix,
     replica_counters,
     shared_working_set,
-    tenant_workload,
     trace_workload,
-    unique_workload,
 )
+from prefixlb.sim.workloads import workload_stream  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_TARGETS = [*POLICY_TARGETS, *PEERS]
@@ -80,32 +74,17 @@ class Fleet:
 
 
 def make_workload(name: str, *, seed: int, scale: float, model: str, trace: str | None = None) -> list[RequestSpec]:
-    """The named workload at ``scale`` (1.0 = the full benchmark; --quick uses less). Rates are
-    set later from the fleet's capacity (``retime``)."""
-    n = lambda k: max(8, int(k * scale))  # noqa: E731
-    if name == "tenants":
-        return tenant_workload(seed=seed, tenants=48, system_tokens=3000, query_tokens=200, requests=n(600),
-                               rate=1.0, model=model)
-    if name == "llmd":  # llm-d's setup at the emulated fleet's scale (groups scaled with the fleet)
-        return llmd_workload(seed=seed, groups=n(60), requests=n(900), qps_start=1.0, qps_end=20.0, model=model)
-    if name == "chat":
-        return chat_workload(seed=seed, conversations=n(80), rate=1.0, model=model)
-    if name == "docqa":
-        return docqa_workload(seed=seed, documents=8, questions=n(500), rate=1.0, model=model)
-    if name == "agent":
-        return agent_workload(seed=seed, agents=n(50), rate=1.0, model=model)
-    if name == "unique":
-        return unique_workload(seed=seed, requests=n(400), rate=1.0, model=model)
-    if name == "mixed":
-        return mix(tenant_workload(seed=seed, tenants=32, system_tokens=3000, query_tokens=200, requests=n(300),
-                                   rate=1.0, model=model),
-                   chat_workload(seed=seed + 1, conversations=n(40), rate=1.0, model=model),
-                   unique_workload(seed=seed + 2, requests=n(100), prompt_tokens=1500, rate=1.0, model=model))
+    """The named workload at ``scale`` (1.0 = the full benchmark; --quick uses less), as
+    :func:`prefixlb.sim.workloads.workload_stream` defines it for the simulator too. Rates are set
+    later from the fleet's capacity (``retime``)."""
     if name == "trace":
         if not trace:
             raise SystemExit("prefixlb bench: --workload trace needs --trace FILE.jsonl")
         return trace_workload(trace, model=model)
-    raise SystemExit(f"prefixlb bench: unknown workload {name!r}")
+    try:
+        return list(workload_stream(name, seed=seed, scale=scale, model=model))
+    except ValueError:
+        raise SystemExit(f"prefixlb bench: unknown workload {name!r}") from None
 
 
 def retime(specs: list[RequestSpec], rate: float) -> list[RequestSpec]:

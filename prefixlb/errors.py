@@ -22,6 +22,7 @@ import orjson
 
 __all__ = [
     "BadRequest",
+    "json_object",
     "ClientError",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -63,6 +64,17 @@ class ClientError(PrefixlbError):
 
 class BadRequest(ClientError):
     pass
+
+
+def json_object(raw: bytes) -> dict:
+    """A request body that must be a JSON object (empty: ``{}``), or BadRequest saying why not."""
+    try:
+        v = orjson.loads(raw or b"{}")
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    if not isinstance(v, dict):
+        raise BadRequest("body must be a JSON object")
+    return v
 
 
 class Unauthorized(ClientError):

@@ -10,11 +10,9 @@ one signals its own process group only.
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import math
 import os
-import platform
 import random
 import re
 import resource
@@ -34,7 +32,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from prefixlb import __version__
+from prefixlb.sim.run import machine as sim_machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[1]
@@ -53,25 +51,9 @@ __all__ = [
 
 
 def machine() -> dict:
-    """The fields benchmarks/bench_index.py records (cpu, cores, python, platform, prefixlb, date),
-    plus the commit and whether the working tree had changes."""
-    cpu = "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "prefixlb": __version__,
-        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        **git_state(),
-    }
+    """Every benchmark's record of where it ran (prefixlb.sim.run.machine), plus the commit and
+    whether the working tree had changes."""
+    return {**sim_machine(), **git_state()}
 
 
 def git_state() -> dict:

@@ -864,7 +864,7 @@ class Balancer:
                                                     for r in self.replicas.values()]))
                 return
             if req.method == "POST":
-                spec = _json_object(req.body)
+                spec = errors.json_object(req.body)
                 url = spec.get("url")
                 tier_name = spec.get("tier", self.config.default)
                 try:
@@ -913,7 +913,7 @@ class Balancer:
     def _dry_run(self, req: Request) -> None:
         """``POST /admin/route`` with a completion or chat body (``"chat": false`` for completions):
         the decision this balancer would make now, without sending anything."""
-        body = _json_object(req.body)
+        body = errors.json_object(req.body)
         chat = body.pop("chat", "messages" in body)
         model = body.get("model")
         tier = self._resolve(model if isinstance(model, str) else None)
@@ -1001,16 +1001,6 @@ def _encoder(spec: str):
 
 def _consteq(a: bytes, b: bytes) -> bool:
     return hmac.compare_digest(a, b)
-
-
-def _json_object(raw: bytes) -> dict:
-    try:
-        v = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(v, dict):
-        raise errors.BadRequest("body must be a JSON object")
-    return v
 
 
 def resp_status_text(body: bytes) -> str:

@@ -362,7 +362,7 @@ class TierRouting:
                 self.pipeline.kill()
                 log.warning("tier classifier killed through the admin API: rules and the default tier decide")
             else:
-                spec = _json(req.body) if req.body else {}
+                spec = errors.json_object(req.body)
                 shadow = spec.get("shadow", False)
                 if not isinstance(shadow, bool):
                     raise errors.BadRequest("shadow: must be true or false")
@@ -373,7 +373,7 @@ class TierRouting:
         if parts == ["admin", "feedback"]:
             if req.method != "POST":
                 raise errors.MethodNotAllowed("/admin/feedback takes POST")
-            spec = _json(req.body)
+            spec = errors.json_object(req.body)
             rid = spec.get("request_id")
             if not isinstance(rid, str) or not rid:
                 raise errors.BadRequest("request_id: required, the x-prefixlb-request-id of the answer")
@@ -447,16 +447,6 @@ class TierRouting:
 
 def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
-
-
-def _json(raw: bytes) -> dict:
-    try:
-        v = orjson.loads(raw or b"{}")
-    except orjson.JSONDecodeError as exc:
-        raise errors.BadRequest(f"body is not valid JSON: {exc}") from None
-    if not isinstance(v, dict):
-        raise errors.BadRequest("body must be a JSON object")
-    return v
 
 
 def _load_classifier(directory: str, threshold: float | None, budget: float | None):

@@ -1,7 +1,7 @@
 """The live benchmark's named workloads as lazy streams, and the fleet sizing it derives from them.
 
-``workload_stream(name, scale=s)`` yields, one request at a time, exactly what
-``benchmarks/runner.py``'s ``make_workload(name, scale=s)`` builds as a list (a test pins it).
+``workload_stream(name, scale=s)`` yields the named workload one request at a time; the live
+benchmark (``benchmarks/runner.py``'s ``make_workload``) takes the same stream as a list.
 :func:`sized_workload` cuts a stream at ``requests`` and surveys it in one pass (count, span,
 mean prompt, shared working set), so a million-request workload is never held in memory; the
 simulation then regenerates it (generation is seeded, so the second pass is the same stream)

@@ -4,13 +4,11 @@ the same traffic."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 
 from prefixlb import loadgen
-from prefixlb.sim.workloads import BASE_REQUESTS, fleet_kv, sized_workload, workload_stream
+from prefixlb.sim.workloads import BASE_REQUESTS, fleet_kv, sized_workload
 
 
 def rows(specs):
@@ -45,24 +43,6 @@ def test_imix_is_mix():
                 loadgen.iter_unique_workload(requests=30))
 
     assert rows(loadgen.imix(*parts())) == rows(loadgen.mix(*(list(p) for p in parts())))
-
-
-def _runner():
-    bench = Path(__file__).resolve().parents[2] / "benchmarks"
-    sys.path.insert(0, str(bench))
-    try:
-        import runner
-    finally:
-        sys.path.remove(str(bench))
-    return runner
-
-
-@pytest.mark.parametrize("name", sorted(BASE_REQUESTS))
-def test_named_workloads_are_the_runners(name):
-    runner = _runner()
-    for scale in (0.1, 0.35):
-        assert rows(workload_stream(name, scale=scale, model="m")) == \
-            rows(runner.make_workload(name, seed=0, scale=scale, model="m"))
 
 
 @pytest.mark.parametrize("name", sorted(BASE_REQUESTS))
