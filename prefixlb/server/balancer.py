@@ -99,6 +99,7 @@ class Balancer:
         self.clock = clock
         self.tiers: dict[str, Tier] = {}
         self.replicas: dict[int, Replica] = {}
+        self._by_url: dict[str, Replica] = {}  # the same replicas by URL (peer messages name them so)
         self.pools: dict[int, UpstreamPool] = {}
         self._next_id = 0
         self._capacity_configured: set[int] = set()  # replicas whose KV capacity the config fixed
@@ -278,10 +279,10 @@ class Balancer:
 
     def _peer_replica(self, tier_name: str, url: str):
         tier = self.tiers.get(tier_name)
-        if tier is None:
+        r = self._by_url.get(url)
+        if tier is None or r is None or r.tier != tier_name:
             return None
-        r = next((x for x in tier.replicas.values() if x.url == url), None)
-        return None if r is None else (tier.router, r.id)
+        return tier.router, r.id
 
     # -- discovery -------------------------------------------------------------------------------
 
@@ -388,6 +389,7 @@ class Balancer:
         r = Replica.make(rid, url, tier.name, self._breaker)
         tier.replicas[rid] = r
         self.replicas[rid] = r
+        self._by_url[url] = r
         self.pools[rid] = UpstreamPool(url, connect_timeout=self.config.connect_timeout_s)
         tier.router.add_replica(rid, url, capacity_tokens)
         if capacity_tokens is not None:
@@ -874,7 +876,7 @@ class Balancer:
                 tier = self.tiers.get(tier_name)
                 if tier is None:
                     raise errors.BadRequest(f"tier: {tier_name!r} is not a tier ({', '.join(self.tiers)})")
-                if any(r.url == url for r in self.replicas.values()):
+                if url in self._by_url:
                     raise errors.BadRequest(f"url: {url} is already a replica")
                 cap = spec.get("capacity_tokens")
                 if cap is not None and (not isinstance(cap, int) or cap < 16):
@@ -950,7 +952,7 @@ class Balancer:
         from its /v1/models and /metrics). Raises KeyError for an unknown tier, ValueError for a
         URL that is already a replica."""
         tier = self.tiers[tier_name]
-        if any(r.url == url for r in self.replicas.values()):
+        if url in self._by_url:
             raise ValueError(f"{url} is already a replica")
         r = self._add_replica(tier, url, capacity_tokens)
         loop = asyncio.get_running_loop()
@@ -962,7 +964,7 @@ class Balancer:
     def remove_replica(self, url: str) -> Replica | None:
         """Drain the replica at ``url`` (no new work) and drop it once its requests finish (or
         after the drain timeout). Returns it, or None if it is not a replica."""
-        r = next((x for x in self.replicas.values() if x.url == url), None)
+        r = self._by_url.get(url)
         if r is None:
             return None
         r.draining = True
@@ -984,6 +986,8 @@ class Balancer:
         tier.router.remove_replica(r.id)
         tier.replicas.pop(r.id, None)
         self.replicas.pop(r.id, None)
+        if self._by_url.get(r.url) is r:
+            del self._by_url[r.url]
         if self.events is not None:
             self.events.remove_source(r.id)
         pool = self.pools.pop(r.id, None)
