@@ -131,6 +131,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 def _cmd_sim(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from prefixlb.routing import CostParams
     from prefixlb.sim.run import SimSettings, run, to_markdown
 
     policies = tuple(p.strip() for p in (args.policies or args.policy).split(",") if p.strip())
@@ -139,6 +140,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
                     kv_capacity_tokens=args.kv_capacity_tokens, index_capacity_tokens=args.index_capacity_tokens,
                     scrape_interval=args.scrape_interval, network_s=args.network_ms / 1e3, time_scale=args.time_scale,
                     balancers=args.balancers, seed=args.seed, bounds=args.bounds,
+                    params=CostParams(prefill_tokens_per_s=args.prefill_prior),
                     bounds_requests=args.bounds_requests, progress=not args.no_progress)
     try:
         report = run(s, command=" ".join(["prefixlb", "sim", *args.argv]))
@@ -157,6 +159,7 @@ def _cmd_sim(args: argparse.Namespace) -> int:
 
 
 def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
+    from prefixlb.routing import CostParams
     from prefixlb.sim.workloads import WORKLOAD_NAMES
 
     p.add_argument("--workload", default="tenants", choices=WORKLOAD_NAMES,
@@ -185,6 +188,9 @@ def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="replicas run this many times faster than the balancer's clock, as an emulated fleet with "
                         "--time-scale X (default 1: real hardware)")
+    p.add_argument("--prefill-prior", type=float, default=CostParams().prefill_tokens_per_s, metavar="TOKENS_PER_S",
+                   help="the balancer's prior prefill rate per replica, as tiers[].cost.prefill_tokens_per_s "
+                        f"(default {CostParams().prefill_tokens_per_s:g}); the rate it learns is reported")
     p.add_argument("--balancers", type=int, default=1,
                    help="independent balancer processes, requests spread over them (default 1)")
     p.add_argument("--seed", type=int, default=0)

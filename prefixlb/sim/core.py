@@ -116,6 +116,7 @@ class SimResult:
     replica_of: array | None = None  # each request's replica (Simulation(record_replicas=True))
     cached_of: array | None = None  # each request's prefix-cache hit in tokens (-1: not finished)
     prompt_of: array | None = None  # each request's prompt tokens (-1: not finished)
+    learned_prefill_rate: float = 0.0  # tokens/s the (first) balancer's TTFT model ended with
 
     def pct(self, q: float) -> float:
         return percentile(sorted(x for x in self.ttft_ms if not math.isnan(x)), q)
@@ -142,6 +143,7 @@ class SimResult:
             "predicted_vs_actual_cached": round(self.predicted_cached_tokens / self.actual_cached_tokens, 3)
             if self.actual_cached_tokens else None,
             "preemptions": self.preemptions,
+            "learned_prefill_tokens_per_s": round(self.learned_prefill_rate),
             "virtual_s": round(self.virtual_s, 2),
             "wall_s": round(self.wall_s, 2),
             "cpu_s": round(self.cpu_s, 2),
@@ -329,6 +331,7 @@ class Simulation:
             preemptions=preemptions,
             max_running=self.max_running, kv_checks=self.kv_checks, replica_of=self.replica_of,
             cached_of=self.cached_of, prompt_of=self.prompt_of,
+            learned_prefill_rate=1.0 / self.routers[0].model.inv_rate,
         )
 
     # -- events ---------------------------------------------------------------------------

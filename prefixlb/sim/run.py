@@ -267,13 +267,14 @@ def to_markdown(report: dict) -> str:
              f"Bounds: {bound_txt}.",
              "",
              "| policy | hit rate | of pooled | TTFT p50 ms | p90 | p99 | p99 over floor | req/s | errors | "
-             "busiest replica | sim wall s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "busiest replica | learned prefill tok/s | sim wall s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["targets"]:
         lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {_f(t.get('hit_rate_of_oracle'), '.0%')} | "
                      f"{t['ttft_p50_ms']:.0f} | {t['ttft_p90_ms']:.0f} | {t['ttft_p99_ms']:.0f} | "
                      f"{_f(t.get('ttft_p99_over_floor_ms'), '+.0f')} | {t['throughput_rps']:,.1f} | {t['errors']} | "
-                     f"{t['busiest_replica_share']:.1%} | {t['wall_s']:.1f} |")
+                     f"{t['busiest_replica_share']:.1%} | {_f(t.get('learned_prefill_tokens_per_s'), ',.0f')} | "
+                     f"{t['wall_s']:.1f} |")
     if report.get("checks"):
         lines += [""] + [f"- {'✅' if c['ok'] else '❌'} {c['check']}: {c['value']}" for c in report["checks"]]
     return "\n".join(lines) + "\n"

@@ -52,3 +52,14 @@ def test_bad_flags_are_refused_with_the_flag_named():
     p = subprocess.run([sys.executable, "-m", "prefixlb", "sim", "--policy", "best_guess", "--requests", "10",
                         "--no-progress", "--bounds", "off"], capture_output=True, text=True, timeout=60)
     assert p.returncode == 2 and "--policy" in p.stderr and "best_guess" in p.stderr
+
+
+def test_prefill_prior_reaches_the_cost_model_and_the_learned_rate_is_reported(tmp_path):
+    learned = {}
+    for prior in (5_000, 40_000):
+        out = tmp_path / f"sim{prior}.json"
+        assert main(["sim", "--replicas", "2", "--requests", "40", "--workload", "tenants", "--bounds", "off",
+                     "--prefill-prior", str(prior), "--json", str(out), "--no-progress"]) == 0
+        learned[prior] = json.loads(out.read_text())["targets"][0]["learned_prefill_tokens_per_s"]
+    # 40 observations cannot pull the two priors together: the prior is what the model started from
+    assert 0 < learned[5_000] < learned[40_000]
