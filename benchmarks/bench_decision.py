@@ -31,19 +31,26 @@ from prefixlb.routing import TierRouter, prompt_key  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+
+def _chat_bodies(rng, replicas: int, n: int, system_tokens: int, prompt_tokens: int) -> list[dict]:
+    """llm-d's shape: 4 tenant system prompts per replica, each request one of them plus a unique
+    question filling the prompt to ``prompt_tokens`` (text at ~4 bytes a token)."""
+    tenants = [text_of_tokens(rng, system_tokens) for _ in range(4 * replicas)]
+    bodies = []
+    for i in range(n):
+        system = rng.choice(tenants)
+        user = f"#{i} " + text_of_tokens(rng, max(16, prompt_tokens - len(system) // 4))
+        bodies.append({"model": "auto", "messages": [{"role": "system", "content": system},
+                                                       {"role": "user", "content": user}]})
+    return bodies
+
 def run(tokens: int, replicas: int, requests: int, seed: int = 1) -> dict:
     rng = random.Random(seed)
     clock = [0.0]
     t = TierRouter("bench", clock=lambda: clock[0])
     for i in range(replicas):
         t.add_replica(i, f"http://r{i}", capacity_tokens=400_000)
-    tenants = [text_of_tokens(rng, min(6000, tokens * 3 // 4)) for _ in range(4 * replicas)]
-    bodies = []
-    for i in range(requests + 200):
-        system = rng.choice(tenants)
-        user = f"#{i} " + text_of_tokens(rng, max(16, tokens - len(system) // 4))
-        bodies.append({"model": "auto", "messages": [{"role": "system", "content": system},
-                                                       {"role": "user", "content": user}]})
+    bodies = _chat_bodies(rng, replicas, requests + 200, min(6000, tokens * 3 // 4), tokens)
     dec, ins = [], []
     gc.collect()
     gc.disable()
@@ -95,14 +102,7 @@ def run_precise(tokens: int, replicas: int, requests: int, tokenizer: str, seed:
     # text, so size the text by measuring one sample
     probe = text_of_tokens(random.Random(0), 1000)
     ratio = len(enc.tok.encode(probe, add_special_tokens=False)) / 1000
-    system_tokens = int(min(6000, tokens * 3 // 4) / ratio)
-    tenants = [text_of_tokens(rng, system_tokens) for _ in range(4 * replicas)]
-    bodies = []
-    for i in range(requests + 200):
-        system = rng.choice(tenants)
-        user = f"#{i} " + text_of_tokens(rng, max(16, int(tokens / ratio) - len(system) // 4))
-        bodies.append({"model": "auto", "messages": [{"role": "system", "content": system},
-                                                       {"role": "user", "content": user}]})
+    bodies = _chat_bodies(rng, replicas, requests + 200, int(min(6000, tokens * 3 // 4) / ratio), int(tokens / ratio))
     dec, sizes = [], []
     gc.collect()
     gc.disable()
