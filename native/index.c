@@ -39,14 +39,21 @@
 #include "xxh64.h"
 
 #define NIL UINT32_MAX
-#define CHUNK_BITS 12u
-#define CHUNK_SIZE (1u << CHUNK_BITS)
-#define CHUNK_MASK (CHUNK_SIZE - 1u)
+#define GROW_MIN 4096u /* entries added to the pool at least per growth */
 #define MAX_ENTRIES (UINT32_MAX - 2u) /* idx + 1 must fit a slot's head and differ from NIL */
 #define MIN_BITS 8u
 #define MAX_BITS 31u
 #define MIX64 0x9E3779B97F4A7C15ULL
 #define MAX_REPLICA_ID 0xFFFFFFFFULL
+#ifndef MATCH_LAG
+#define MATCH_LAG 16
+#endif
+#ifndef MATCH_AHEAD
+#define MATCH_AHEAD 8
+#endif
+#ifndef EVICT_AHEAD
+#define EVICT_AHEAD 8
+#endif
 
 #if defined(__GNUC__)
 #define LIKELY(x) __builtin_expect(!!(x), 1)
@@ -410,7 +417,14 @@ static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *
     ChainObject *c = chain_alloc(n);
     if (c) {
         const unsigned char *p = view.buf;
-        if (ix) {
+        if (bs == 64) {
+            for (Py_ssize_t i = 0; i < n; i++, p += 64) {
+                h = plb_xxh64_64(p, h);
+                c->h[i] = h;
+                if (ix)
+                    prefetch_home(ix, h);
+            }
+        } else if (ix) {
             for (Py_ssize_t i = 0; i < n; i++, p += bs) {
                 h = plb_xxh64(p, (size_t)bs, h);
                 c->h[i] = h;
@@ -466,9 +480,8 @@ static int parse_capacity(PyObject *obj, uint32_t *out)
 typedef struct {
     uint64_t hash;
     uint32_t lru_prev, lru_next;   /* within the replica's LRU list (free list uses lru_next) */
-    uint32_t hold_prev, hold_next; /* within the block's holder list */
-    uint32_t rep;                  /* internal replica slot */
-    uint32_t aux;                  /* reserved (speculative / medium flags) */
+    uint32_t hold_next;            /* within the block's holder list (singly linked: short) */
+    uint32_t rep;                  /* internal replica slot; NIL while the entry is free */
 } Entry;
 
 typedef struct {
@@ -485,15 +498,21 @@ typedef struct {
     uint64_t evictions;
     uint32_t gen;   /* match scratch: generation of `depth` */
     uint32_t depth; /* match scratch: leading blocks held */
+    uint32_t run_head, run_tail; /* match scratch: entries of blocks depth-1 and 0 */
+    uint32_t run_ok;             /* match scratch: they form one run of the LRU list */
     uint32_t next_free;
 } Replica;
+
+typedef struct {
+    uint32_t e, rep;
+} Matched;
 
 typedef struct IndexObject_ {
     PyObject_HEAD
     /* entry pool */
-    Entry **chunks;
-    uint32_t nchunks, chunks_cap;
-    uint32_t n_handed; /* entries ever handed out from chunks (the rest are untouched) */
+    Entry *entries;
+    uint32_t entries_cap;
+    uint32_t n_handed; /* entries ever handed out (the rest of the pool is untouched) */
     uint32_t free_head;
     uint64_t n_entries;
     /* block table */
@@ -507,12 +526,18 @@ typedef struct IndexObject_ {
     uint32_t default_capacity;
     uint64_t evictions;
     uint32_t gen;
-    /* match scratch: entries matched, in walk order */
-    uint32_t *scratch;
+    /* match scratch: entries matched, in walk order, each with its replica slot */
+    Matched *scratch;
     size_t scratch_cap;
+    /* the last match's chain and how much of scratch it filled: insert(r, that chain) takes
+     * r's matched entries from scratch instead of finding them again (validated per entry) */
+    PyObject *memo_chain;
+    size_t memo_ns;
+    uint32_t *run; /* insert scratch: r's matched entries, block order */
+    size_t run_cap;
 } IndexObject;
 
-static inline Entry *E(IndexObject *ix, uint32_t i) { return &ix->chunks[i >> CHUNK_BITS][i & CHUNK_MASK]; }
+static inline Entry *E(IndexObject *ix, uint32_t i) { return &ix->entries[i]; }
 
 static inline uint32_t tag_of(uint64_t h) { return (uint32_t)((h * MIX64) >> 32); }
 static inline uint32_t home_of(uint32_t tag, uint32_t bits) { return tag >> (32u - bits); }
@@ -530,29 +555,27 @@ static uint32_t entry_alloc(IndexObject *ix)
         PyErr_SetString(PyExc_MemoryError, "prefix index entry limit reached");
         return NIL;
     }
-    if (ix->n_handed == ix->nchunks * CHUNK_SIZE) {
-        if (ix->nchunks == ix->chunks_cap) {
-            uint32_t cap = ix->chunks_cap ? ix->chunks_cap * 2 : 16;
-            Entry **c = PyMem_Realloc(ix->chunks, (size_t)cap * sizeof(Entry *));
-            if (!c) {
-                PyErr_NoMemory();
-                return NIL;
-            }
-            ix->chunks = c;
-            ix->chunks_cap = cap;
-        }
-        Entry *chunk = PyMem_Malloc(CHUNK_SIZE * sizeof(Entry));
-        if (!chunk) {
+    if (ix->n_handed == ix->entries_cap) {
+        /* grow by an eighth (at least GROW_MIN): bounded slack, amortised copying; glibc moves
+         * large blocks with mremap, so growth does not copy there at all. No Entry pointer is
+         * held across entry_alloc. */
+        uint64_t cap = (uint64_t)ix->entries_cap + (ix->entries_cap / 8 > GROW_MIN ? ix->entries_cap / 8 : GROW_MIN);
+        if (cap > MAX_ENTRIES)
+            cap = MAX_ENTRIES;
+        Entry *ne = PyMem_Realloc(ix->entries, (size_t)cap * sizeof(Entry));
+        if (!ne) {
             PyErr_NoMemory();
             return NIL;
         }
-        ix->chunks[ix->nchunks++] = chunk;
+        ix->entries = ne;
+        ix->entries_cap = (uint32_t)cap;
     }
     return ix->n_handed++;
 }
 
 static inline void entry_free(IndexObject *ix, uint32_t i)
 {
+    E(ix, i)->rep = NIL; /* a free entry is nobody's: see insert_impl's memo check */
     E(ix, i)->lru_next = ix->free_head;
     ix->free_head = i;
 }
@@ -603,7 +626,7 @@ static int table_resize(IndexObject *ix, uint32_t bits)
 static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
 {
     size_t size = (size_t)1 << ix->bits;
-    if ((ix->n_used + 1) * 4 > size * 3) {
+    if ((ix->n_used + 1) * 2 > size) {
         if (ix->bits >= MAX_BITS) {
             PyErr_SetString(PyExc_MemoryError, "prefix index block table is full");
             return -1;
@@ -661,29 +684,26 @@ static void table_maybe_shrink(IndexObject *ix)
 static inline void hold_push(IndexObject *ix, uint32_t slot, uint32_t e)
 {
     uint32_t next = ix->slots[slot].head - 1; /* NIL-compatible: head 0 never happens here */
-    Entry *en = E(ix, e);
-    en->hold_prev = NIL;
-    en->hold_next = next;
-    E(ix, next)->hold_prev = e;
+    E(ix, e)->hold_next = next;
     ix->slots[slot].head = e + 1;
 }
 
 static void hold_unlink(IndexObject *ix, uint32_t e)
 {
     Entry *en = E(ix, e);
-    if (en->hold_prev != NIL) {
-        E(ix, en->hold_prev)->hold_next = en->hold_next;
-        if (en->hold_next != NIL)
-            E(ix, en->hold_next)->hold_prev = en->hold_prev;
+    uint32_t slot = slot_find(ix, en->hash);
+    uint32_t head = ix->slots[slot].head - 1;
+    if (head == e) {
+        if (en->hold_next == NIL)
+            slot_delete(ix, slot);
+        else
+            ix->slots[slot].head = en->hold_next + 1;
         return;
     }
-    uint32_t slot = slot_find(ix, en->hash); /* e heads its block's list */
-    if (en->hold_next == NIL) {
-        slot_delete(ix, slot);
-    } else {
-        E(ix, en->hold_next)->hold_prev = NIL;
-        ix->slots[slot].head = en->hold_next + 1;
-    }
+    Entry *p = E(ix, head);
+    while (p->hold_next != e)
+        p = E(ix, p->hold_next);
+    p->hold_next = en->hold_next;
 }
 
 static inline uint32_t hold_find(IndexObject *ix, uint32_t slot, uint32_t rep)
@@ -746,6 +766,23 @@ static void evict_one(IndexObject *ix, uint32_t rep)
     entry_drop(ix, rep, r->lru_head);
     r->evictions++;
     ix->evictions++;
+}
+
+/* Move the run first..last (linked first -> ... -> last) to the MRU end. */
+static void lru_move_run(IndexObject *ix, Replica *r, uint32_t first, uint32_t last)
+{
+    if (r->lru_tail == last)
+        return;
+    Entry *f = E(ix, first), *l = E(ix, last);
+    if (f->lru_prev != NIL)
+        E(ix, f->lru_prev)->lru_next = l->lru_next;
+    else
+        r->lru_head = l->lru_next;
+    E(ix, l->lru_next)->lru_prev = f->lru_prev;
+    f->lru_prev = r->lru_tail;
+    E(ix, r->lru_tail)->lru_next = first;
+    l->lru_next = NIL;
+    r->lru_tail = last;
 }
 
 /* ---- replicas ------------------------------------------------------------------------ */
@@ -838,11 +875,11 @@ static uint32_t rep_clear(IndexObject *ix, uint32_t rep)
 
 /* ---- core operations ----------------------------------------------------------------- */
 
-static int scratch_push(IndexObject *ix, size_t *ns, uint32_t e)
+static int scratch_push(IndexObject *ix, size_t *ns, uint32_t e, uint32_t rep)
 {
     if (UNLIKELY(*ns == ix->scratch_cap)) {
         size_t cap = ix->scratch_cap ? ix->scratch_cap * 2 : 256;
-        uint32_t *s = PyMem_Realloc(ix->scratch, cap * sizeof(uint32_t));
+        Matched *s = PyMem_Realloc(ix->scratch, cap * sizeof(Matched));
         if (!s) {
             PyErr_NoMemory();
             return -1;
@@ -850,7 +887,9 @@ static int scratch_push(IndexObject *ix, size_t *ns, uint32_t e)
         ix->scratch = s;
         ix->scratch_cap = cap;
     }
-    ix->scratch[(*ns)++] = e;
+    ix->scratch[*ns].e = e;
+    ix->scratch[*ns].rep = rep;
+    (*ns)++;
     return 0;
 }
 
@@ -860,118 +899,308 @@ static void prefetch_home(IndexObject *ix, uint64_t h)
     PREFETCH(&ix->slots[home_of(tag_of(h), ix->bits)]);
 }
 
-static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n)
+/* The home slots were prefetched while the chain was hashed; the block's first holder entry
+ * (whose hash confirms the slot, and whose replica the match needs) is the next miss: start
+ * it MATCH_AHEAD blocks early when the home slot's tag says the block is probably there. */
+static inline void prefetch_holder(IndexObject *ix, uint64_t h)
 {
-    PyObject *res = PyDict_New();
-    if (!res || n == 0 || ix->n_used == 0)
-        return res;
+    const uint32_t tag = tag_of(h);
+    const Slot s = ix->slots[home_of(tag, ix->bits)];
+    if (s.head && s.tag == tag)
+        PREFETCH(E(ix, s.head - 1));
+}
+
+/* match() as a walk one block at a time, so lookup() can interleave it with hashing. */
+typedef struct {
+    uint32_t gen;
+    size_t ns; /* scratch entries so far */
+    size_t n0; /* of which the holders of block 0 (one per replica in the result) */
+} MatchWalk;
+
+static void match_begin(IndexObject *ix, MatchWalk *w)
+{
+    Py_CLEAR(ix->memo_chain);
+    ix->memo_ns = 0;
     if (++ix->gen == 0) { /* wrapped: forget every stale mark */
         for (uint32_t i = 0; i < ix->n_reps; i++)
             ix->reps[i].gen = 0;
         ix->gen = 1;
     }
-    const uint32_t gen = ix->gen;
-    size_t ns = 0;
+    w->gen = ix->gen;
+    w->ns = w->n0 = 0;
+}
 
-    uint32_t slot = slot_find(ix, h[0]);
+/* Block k of the walk (k = 0, 1, ... in order): 1 to go on, 0 when the match has ended, -1 on
+ * error. At block k it advances exactly the replicas that held blocks 0..k-1 and hold k. */
+static inline int match_step(IndexObject *ix, MatchWalk *w, uint64_t hk, Py_ssize_t k)
+{
+    const uint32_t slot = slot_find(ix, hk);
     if (slot == NIL)
-        return res;
-    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
-        Replica *r = &ix->reps[E(ix, e)->rep];
-        r->gen = gen;
-        r->depth = 1;
-        if (scratch_push(ix, &ns, e) < 0)
-            goto fail;
-    }
-    const size_t n0 = ns;
-    for (Py_ssize_t k = 1; k < n; k++) {
-        if (k + 4 < n)
-            prefetch_home(ix, h[k + 4]);
-        slot = slot_find(ix, h[k]);
-        if (slot == NIL)
-            break;
-        uint32_t alive = 0;
+        return 0;
+    const uint32_t gen = w->gen;
+    if (k == 0) {
         for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
-            Replica *r = &ix->reps[E(ix, e)->rep];
-            if (r->gen == gen && r->depth == (uint32_t)k) {
-                r->depth = (uint32_t)k + 1;
-                alive++;
-                if (scratch_push(ix, &ns, e) < 0)
-                    goto fail;
-            }
+            const uint32_t rep = E(ix, e)->rep;
+            Replica *r = &ix->reps[rep];
+            r->gen = gen;
+            r->depth = 1;
+            r->run_head = r->run_tail = e;
+            r->run_ok = 1;
+            if (scratch_push(ix, &w->ns, e, rep) < 0)
+                return -1;
         }
-        if (!alive)
-            break;
+        w->n0 = w->ns;
+        return 1;
     }
-    for (size_t j = 0; j < n0; j++) {
-        Replica *r = &ix->reps[E(ix, ix->scratch[j])->rep];
+    uint32_t alive = 0;
+    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
+        const uint32_t rep = E(ix, e)->rep;
+        Replica *r = &ix->reps[rep];
+        if (r->gen == gen && r->depth == (uint32_t)k) {
+            r->depth = (uint32_t)k + 1;
+            r->run_ok &= E(ix, e)->lru_next == r->run_head;
+            r->run_head = e;
+            alive++;
+            if (scratch_push(ix, &w->ns, e, rep) < 0)
+                return -1;
+        }
+    }
+    return alive != 0;
+}
+
+/* The result {replica id: depth}, then the refresh; remembers `chain` for insert(). */
+static PyObject *match_finish(IndexObject *ix, MatchWalk *w, PyObject *chain)
+{
+    PyObject *res = PyDict_New();
+    if (!res)
+        return NULL;
+    for (size_t j = 0; j < w->n0; j++) {
+        Replica *r = &ix->reps[ix->scratch[j].rep];
         PyObject *d = PyLong_FromUnsignedLong(r->depth);
         if (!d || PyDict_SetItem(res, r->id, d) < 0) {
             Py_XDECREF(d);
-            goto fail;
+            Py_DECREF(res);
+            return NULL;
         }
         Py_DECREF(d);
     }
-    /* refresh: reverse walk order = each replica's chain from tail to head */
-    for (size_t j = ns; j-- > 0;) {
-        uint32_t e = ix->scratch[j];
-        lru_touch(ix, &ix->reps[E(ix, e)->rep], e);
+    /* refresh each replica's matched blocks tail first. Where they already form one run of its
+     * LRU list in chain order (block k's entry followed by block k-1's, as the last refresh or
+     * insert left them), that is moving the run to the MRU end; otherwise touch them one by
+     * one, in reverse walk order. */
+    int broken = 0;
+    for (size_t j = 0; j < w->n0; j++) {
+        Replica *r = &ix->reps[ix->scratch[j].rep];
+        if (r->run_ok)
+            lru_move_run(ix, r, r->run_head, r->run_tail);
+        else
+            broken = 1;
+    }
+    if (broken)
+        for (size_t j = w->ns; j-- > 0;) {
+            Replica *r = &ix->reps[ix->scratch[j].rep];
+            if (!r->run_ok)
+                lru_touch(ix, r, ix->scratch[j].e);
+        }
+    if (chain) {
+        ix->memo_chain = Py_NewRef(chain);
+        ix->memo_ns = w->ns;
     }
     return res;
-fail:
-    Py_DECREF(res);
-    return NULL;
 }
 
-static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t n)
+static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n, PyObject *chain)
 {
-    int walked = 0;
-    for (Py_ssize_t k = n - 1; k >= 0; k--) {
-        if (k >= 4)
-            prefetch_home(ix, h[k - 4]);
-        const uint64_t hk = h[k];
-        uint32_t slot = slot_find(ix, hk);
-        if (slot != NIL) {
-            uint32_t e = hold_find(ix, slot, rep);
-            if (e != NIL) {
-                lru_touch(ix, &ix->reps[rep], e);
-                continue;
-            }
+    MatchWalk w;
+    match_begin(ix, &w);
+    if (ix->n_used)
+        for (Py_ssize_t k = 0; k < n; k++) {
+            if (k + MATCH_AHEAD < n)
+                prefetch_holder(ix, h[k + MATCH_AHEAD]);
+            const int go = match_step(ix, &w, h[k], k);
+            if (go < 0)
+                return NULL;
+            if (!go)
+                break;
         }
-        if (ix->reps[rep].count >= ix->reps[rep].capacity) {
-            if (!walked) {
-                /* about to evict up to k+1 entries from the LRU head: walk them once and
-                 * prefetch their slots so the evictions below find them in cache */
-                walked = 1;
-                uint32_t v = ix->reps[rep].lru_head;
-                for (Py_ssize_t i = 0; i <= k && i < 256 && v != NIL; i++) {
-                    const Entry *en = E(ix, v);
-                    PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
-                    v = en->lru_next;
-                }
-            }
-            evict_one(ix, rep);
-            slot = slot_find(ix, hk); /* deletion may have shifted slots */
+    return match_finish(ix, &w, chain);
+}
+
+/* lookup(): hash the blocks and match them in one pass. The XXH64 chain is serial (each block
+ * seeds the next) and leaves most of the core idle, so the walk runs MATCH_LAG blocks behind the
+ * hashing, in its shadow: block k's home slot is prefetched when its hash is known, its first
+ * holder entry MATCH_LAG - MATCH_AHEAD blocks later, and it is matched MATCH_LAG blocks later. */
+static PyObject *lookup_impl(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
+{
+    Py_ssize_t bs;
+    uint64_t h;
+    if (parse_hash_args(bs_obj, seed_obj, &bs, &h) < 0)
+        return NULL;
+    Py_buffer view;
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
+        return NULL;
+    const Py_ssize_t n = view.len / bs;
+    ChainObject *c = chain_alloc(n);
+    if (!c) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    MatchWalk w;
+    match_begin(ix, &w);
+    int go = ix->n_used != 0;
+    const unsigned char *p = view.buf;
+    uint64_t *ch = c->h;
+    for (Py_ssize_t i = 0; i < n; i++, p += bs) {
+        h = bs == 64 ? plb_xxh64_64(p, h) : plb_xxh64(p, (size_t)bs, h);
+        ch[i] = h;
+        prefetch_home(ix, h);
+        if (go > 0 && i >= MATCH_LAG) {
+            const Py_ssize_t k = i - MATCH_LAG;
+            prefetch_holder(ix, ch[k + MATCH_AHEAD]);
+            go = match_step(ix, &w, ch[k], k);
         }
-        uint32_t e = entry_alloc(ix);
+    }
+    PyBuffer_Release(&view);
+    for (Py_ssize_t k = n > MATCH_LAG ? n - MATCH_LAG : 0; go > 0 && k < n; k++) {
+        if (k + MATCH_AHEAD < n)
+            prefetch_holder(ix, ch[k + MATCH_AHEAD]);
+        go = match_step(ix, &w, ch[k], k);
+    }
+    PyObject *m = go < 0 ? NULL : match_finish(ix, &w, (PyObject *)c);
+    if (!m) {
+        Py_DECREF(c);
+        return NULL;
+    }
+    PyObject *t = PyTuple_Pack(2, (PyObject *)c, m);
+    Py_DECREF(c);
+    Py_DECREF(m);
+    return t;
+}
+
+/* One step of insert, block k: touch it if `rep` holds it, else evict (if full) and add it. */
+static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t k, uint32_t *ahead)
+{
+    const uint64_t hk = h[k];
+    Replica *r = &ix->reps[rep];
+    uint32_t slot = slot_find(ix, hk);
+    if (slot != NIL) {
+        uint32_t e = hold_find(ix, slot, rep);
+        if (e != NIL) {
+            lru_touch(ix, r, e);
+            return 0;
+        }
+    }
+    uint32_t e;
+    if (r->count >= r->capacity) {
+        /* the victims are the LRU head onwards: keep a cursor EVICT_AHEAD victims ahead of the
+         * head and prefetch each victim's slot as the cursor passes it */
+        uint32_t v = *ahead;
+        if (v == NIL) {
+            v = r->lru_head;
+            for (int i = 0; i < EVICT_AHEAD && v != NIL; i++) {
+                const Entry *en = E(ix, v);
+                PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
+                v = en->lru_next;
+            }
+        } else if (v != NIL - 1u) {
+            const Entry *en = E(ix, v);
+            PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
+            v = en->lru_next;
+        }
+        *ahead = v == NIL ? NIL - 1u : v;
+        /* evict the LRU head (evict_one, inlined) and reuse its entry for the new block */
+        e = r->lru_head;
+        const uint32_t next = E(ix, e)->lru_next;
+        r->lru_head = next;
+        if (next != NIL)
+            E(ix, next)->lru_prev = NIL;
+        else
+            r->lru_tail = NIL;
+        hold_unlink(ix, e);
+        r->count--;
+        ix->n_entries--;
+        r->evictions++;
+        ix->evictions++;
+        if (slot != NIL)
+            slot = slot_find(ix, hk); /* the deletion may have shifted it */
+    } else {
+        e = entry_alloc(ix);
         if (e == NIL)
             return -1;
-        Entry *en = E(ix, e);
-        en->hash = hk;
-        en->rep = rep;
-        en->aux = 0;
-        if (slot != NIL) {
-            hold_push(ix, slot, e);
-        } else {
-            en->hold_prev = en->hold_next = NIL;
-            if (slot_insert(ix, hk, e) < 0) {
-                entry_free(ix, e);
+    }
+    Entry *en = E(ix, e);
+    en->hash = hk;
+    en->rep = rep;
+    if (slot != NIL) {
+        hold_push(ix, slot, e);
+    } else {
+        en->hold_next = NIL;
+        if (slot_insert(ix, hk, e) < 0) {
+            entry_free(ix, e);
+            return -1;
+        }
+    }
+    lru_append(ix, r, e);
+    r->count++;
+    ix->n_entries++;
+    return 0;
+}
+
+/* insert(rep, h): blocks n-1 down to 0, each touched if held, else added (evicting LRU first).
+ *
+ * The request path calls insert with the chain it has just matched, so the leading blocks
+ * `rep` holds are already known: the match left rep's entries for blocks 0..d-1 in scratch.
+ * Those blocks skip the table (slot probe + holder walk); each remembered entry is used only if
+ * it is still live, rep's and for h[k] (an entry for (block, replica) is unique, so then it is
+ * the one a probe would find), else block k takes the generic step. When the d entries still
+ * form one run of rep's LRU list in chain order (the match refreshed them so), touching them
+ * tail first is the same as moving the run to the MRU end, done in O(1). */
+static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t n, PyObject *chain)
+{
+    Py_ssize_t d = 0;
+    if (chain && chain == ix->memo_chain) {
+        if (UNLIKELY(ix->run_cap < (size_t)n)) {
+            uint32_t *run = PyMem_Realloc(ix->run, (size_t)n * sizeof(uint32_t));
+            if (!run) {
+                PyErr_NoMemory();
                 return -1;
             }
+            ix->run = run;
+            ix->run_cap = (size_t)n;
         }
-        lru_append(ix, &ix->reps[rep], e);
-        ix->reps[rep].count++;
-        ix->n_entries++;
+        for (size_t j = 0; j < ix->memo_ns && d < n; j++)
+            if (ix->scratch[j].rep == rep)
+                ix->run[d++] = ix->scratch[j].e;
+    }
+    uint32_t ahead = NIL; /* eviction prefetch cursor: NIL = not started, NIL - 1 = ran out */
+    for (Py_ssize_t k = n - 1; k >= d; k--) {
+        if (k - 4 >= d)
+            prefetch_home(ix, h[k - 4]);
+        if (insert_one(ix, rep, h, k, &ahead) < 0)
+            return -1;
+    }
+    if (d == 0)
+        return 0;
+    const uint32_t *run = ix->run;
+    int whole = 1;
+    for (Py_ssize_t k = d - 1; k >= 0; k--) {
+        const Entry *en = E(ix, run[k]);
+        if (en->rep != rep || en->hash != h[k] || (k > 0 && en->lru_next != run[k - 1])) {
+            whole = 0;
+            break;
+        }
+    }
+    Replica *r = &ix->reps[rep];
+    if (whole) {
+        lru_move_run(ix, r, run[d - 1], run[0]);
+        return 0;
+    }
+    for (Py_ssize_t k = d - 1; k >= 0; k--) {
+        const Entry *en = E(ix, run[k]);
+        if (en->rep == rep && en->hash == h[k])
+            lru_touch(ix, r, run[k]);
+        else if (insert_one(ix, rep, h, k, &ahead) < 0)
+            return -1;
     }
     return 0;
 }
@@ -1012,12 +1241,12 @@ static void index_dealloc(IndexObject *self)
 {
     for (uint32_t i = 0; i < self->n_reps; i++)
         Py_XDECREF(self->reps[i].id);
-    for (uint32_t c = 0; c < self->nchunks; c++)
-        PyMem_Free(self->chunks[c]);
-    PyMem_Free(self->chunks);
+    PyMem_Free(self->entries);
     PyMem_Free(self->slots);
     PyMem_Free(self->reps);
     PyMem_Free(self->scratch);
+    PyMem_Free(self->run);
+    Py_XDECREF(self->memo_chain);
     Py_XDECREF(self->idmap);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -1036,7 +1265,7 @@ static PyObject *index_match(IndexObject *self, PyObject *hashes)
     HashArg a;
     if (hasharg_get(hashes, &a) < 0)
         return NULL;
-    PyObject *res = match_impl(self, a.h, a.n);
+    PyObject *res = match_impl(self, a.h, a.n, Py_IS_TYPE(hashes, &ChainType) ? hashes : NULL);
     hasharg_release(&a);
     return res;
 }
@@ -1048,15 +1277,7 @@ static PyObject *index_lookup(IndexObject *self, PyObject *args, PyObject *kwds)
     PyObject *data, *bs = NULL, *seed = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:lookup", kwlist, &data, &bs, &seed))
         return NULL;
-    ChainObject *c = chain_from_data(data, bs, seed, self);
-    if (!c)
-        return NULL;
-    PyObject *m = match_impl(self, c->h, CHAIN_LEN(c));
-    if (!m) {
-        Py_DECREF(c);
-        return NULL;
-    }
-    return Py_BuildValue("(NN)", (PyObject *)c, m);
+    return lookup_impl(self, data, bs, seed);
 }
 
 static PyObject *index_insert(IndexObject *self, PyObject *args)
@@ -1069,7 +1290,7 @@ static PyObject *index_insert(IndexObject *self, PyObject *args)
     if (hasharg_get(hashes, &a) < 0)
         return NULL;
     uint32_t rep = rep_get_or_create(self, rep_obj);
-    int rc = rep == NIL ? -1 : insert_impl(self, rep, a.h, a.n);
+    int rc = rep == NIL ? -1 : insert_impl(self, rep, a.h, a.n, Py_IS_TYPE(hashes, &ChainType) ? hashes : NULL);
     hasharg_release(&a);
     if (rc < 0)
         return NULL;
@@ -1196,9 +1417,8 @@ static PyObject *index_capacity(IndexObject *self, PyObject *rep_obj)
 
 static size_t index_bytes(IndexObject *self)
 {
-    return sizeof(IndexObject) + (size_t)self->nchunks * CHUNK_SIZE * sizeof(Entry) +
-           (size_t)self->chunks_cap * sizeof(Entry *) + ((size_t)1 << self->bits) * sizeof(Slot) +
-           (size_t)self->reps_cap * sizeof(Replica) + self->scratch_cap * sizeof(uint32_t);
+    return sizeof(IndexObject) + (size_t)self->entries_cap * sizeof(Entry) + ((size_t)1 << self->bits) * sizeof(Slot) +
+           (size_t)self->reps_cap * sizeof(Replica) + self->scratch_cap * sizeof(Matched) + self->run_cap * sizeof(uint32_t);
 }
 
 static PyObject *index_stats(IndexObject *self, PyObject *Py_UNUSED(ignored))
