@@ -51,6 +51,9 @@
 #ifndef MATCH_AHEAD
 #define MATCH_AHEAD 8
 #endif
+#ifndef INSERT_AHEAD
+#define INSERT_AHEAD 4
+#endif
 #ifndef EVICT_AHEAD
 #define EVICT_AHEAD 8
 #endif
@@ -533,6 +536,7 @@ typedef struct IndexObject_ {
      * r's matched entries from scratch instead of finding them again (validated per entry) */
     PyObject *memo_chain;
     size_t memo_ns;
+    uint32_t memo_gen;
     uint32_t *run; /* insert scratch: r's matched entries, block order */
     size_t run_cap;
 } IndexObject;
@@ -910,6 +914,13 @@ static inline void prefetch_holder(IndexObject *ix, uint64_t h)
         PREFETCH(E(ix, s.head - 1));
 }
 
+/* Any change to the index other than the match itself ends what insert() may take from it. */
+static inline void memo_forget(IndexObject *ix)
+{
+    Py_CLEAR(ix->memo_chain);
+    ix->memo_ns = 0;
+}
+
 /* match() as a walk one block at a time, so lookup() can interleave it with hashing. */
 typedef struct {
     uint32_t gen;
@@ -919,8 +930,7 @@ typedef struct {
 
 static void match_begin(IndexObject *ix, MatchWalk *w)
 {
-    Py_CLEAR(ix->memo_chain);
-    ix->memo_ns = 0;
+    memo_forget(ix);
     if (++ix->gen == 0) { /* wrapped: forget every stale mark */
         for (uint32_t i = 0; i < ix->n_reps; i++)
             ix->reps[i].gen = 0;
@@ -1005,6 +1015,7 @@ static PyObject *match_finish(IndexObject *ix, MatchWalk *w, PyObject *chain)
     if (chain) {
         ix->memo_chain = Py_NewRef(chain);
         ix->memo_ns = w->ns;
+        ix->memo_gen = w->gen;
     }
     return res;
 }
@@ -1077,7 +1088,8 @@ static PyObject *lookup_impl(IndexObject *ix, PyObject *data, PyObject *bs_obj, 
     return t;
 }
 
-/* One step of insert, block k: touch it if `rep` holds it, else evict (if full) and add it. */
+/* One step of insert, block k: touch it if `rep` holds it (returns 1), else evict (if full) and
+ * add it (returns 0); -1 on error. */
 static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t k, uint32_t *ahead)
 {
     const uint64_t hk = h[k];
@@ -1087,7 +1099,7 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
         uint32_t e = hold_find(ix, slot, rep);
         if (e != NIL) {
             lru_touch(ix, r, e);
-            return 0;
+            return 1;
         }
     }
     uint32_t e;
@@ -1157,47 +1169,66 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
  * tail first is the same as moving the run to the MRU end, done in O(1). */
 static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssize_t n, PyObject *chain)
 {
+    Replica *r = &ix->reps[rep];
+    const size_t memo_ns = ix->memo_ns;
     Py_ssize_t d = 0;
-    if (chain && chain == ix->memo_chain) {
-        if (UNLIKELY(ix->run_cap < (size_t)n)) {
-            uint32_t *run = PyMem_Realloc(ix->run, (size_t)n * sizeof(uint32_t));
-            if (!run) {
-                PyErr_NoMemory();
-                return -1;
-            }
-            ix->run = run;
-            ix->run_cap = (size_t)n;
-        }
-        for (size_t j = 0; j < ix->memo_ns && d < n; j++)
-            if (ix->scratch[j].rep == rep)
-                ix->run[d++] = ix->scratch[j].e;
+    int quick = 0;
+    if (chain && chain == ix->memo_chain && r->gen == ix->memo_gen) {
+        d = r->depth; /* the match was the last change to the index: its marks are current */
+        quick = r->run_ok;
     }
+    memo_forget(ix);
+    const Py_ssize_t count0 = r->count;
+    const uint64_t evictions0 = r->evictions;
+    int touched = 0;
     uint32_t ahead = NIL; /* eviction prefetch cursor: NIL = not started, NIL - 1 = ran out */
     for (Py_ssize_t k = n - 1; k >= d; k--) {
-        if (k - 4 >= d)
-            prefetch_home(ix, h[k - 4]);
-        if (insert_one(ix, rep, h, k, &ahead) < 0)
+        if (k - INSERT_AHEAD >= d)
+            prefetch_home(ix, h[k - INSERT_AHEAD]);
+        const int rc = insert_one(ix, rep, h, k, &ahead);
+        if (rc < 0)
             return -1;
+        touched |= rc;
     }
     if (d == 0)
         return 0;
-    const uint32_t *run = ix->run;
-    int whole = 1;
-    for (Py_ssize_t k = d - 1; k >= 0; k--) {
-        const Entry *en = E(ix, run[k]);
-        if (en->rep != rep || en->hash != h[k] || (k > 0 && en->lru_next != run[k - 1])) {
-            whole = 0;
-            break;
-        }
+    /* The match left blocks d-1..0 as one run at rep's MRU end (run_ok). Blocks n-1..d were
+     * all new (nothing touched), so they were appended after the run and the evictions took
+     * the LRU head: while they numbered at most count0 - d they stopped short of the run. Then
+     * touching blocks d-1..0 is moving the run back to the MRU end. */
+    if (quick && !touched && (Py_ssize_t)(r->evictions - evictions0) <= count0 - d) {
+        lru_move_run(ix, r, r->run_head, r->run_tail);
+        return 0;
     }
-    Replica *r = &ix->reps[rep];
+    /* Otherwise take rep's entries for blocks 0..d-1 from the match's scratch, each used only
+     * while it is still live, rep's and for h[k] (an entry for (block, replica) is unique). */
+    if (UNLIKELY(ix->run_cap < (size_t)d)) {
+        uint32_t *run = PyMem_Realloc(ix->run, (size_t)d * sizeof(uint32_t));
+        if (!run) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        ix->run = run;
+        ix->run_cap = (size_t)d;
+    }
+    uint32_t *run = ix->run;
+    Py_ssize_t got = 0;
+    for (size_t j = 0; j < memo_ns && got < d; j++)
+        if (ix->scratch[j].rep == rep)
+            run[got++] = ix->scratch[j].e;
+    int whole = got == d;
+    for (Py_ssize_t k = d - 1; whole && k >= 0; k--) {
+        const Entry *en = E(ix, run[k]);
+        if (en->rep != rep || en->hash != h[k] || (k > 0 && en->lru_next != run[k - 1]))
+            whole = 0;
+    }
     if (whole) {
         lru_move_run(ix, r, run[d - 1], run[0]);
         return 0;
     }
     for (Py_ssize_t k = d - 1; k >= 0; k--) {
-        const Entry *en = E(ix, run[k]);
-        if (en->rep == rep && en->hash == h[k])
+        const Entry *en = k < got ? E(ix, run[k]) : NULL;
+        if (en && en->rep == rep && en->hash == h[k])
             lru_touch(ix, r, run[k]);
         else if (insert_one(ix, rep, h, k, &ahead) < 0)
             return -1;
@@ -1300,6 +1331,7 @@ static PyObject *index_insert(IndexObject *self, PyObject *args)
 static PyObject *index_remove_blocks(IndexObject *self, PyObject *args)
 {
     CHECK_INIT(self, NULL);
+    memo_forget(self);
     PyObject *rep_obj, *hashes;
     if (!PyArg_ParseTuple(args, "OO:remove_blocks", &rep_obj, &hashes))
         return NULL;
@@ -1329,6 +1361,7 @@ static PyObject *index_remove_blocks(IndexObject *self, PyObject *args)
 static PyObject *index_clear_replica(IndexObject *self, PyObject *rep_obj)
 {
     CHECK_INIT(self, NULL);
+    memo_forget(self);
     uint32_t rep;
     if (rep_find(self, rep_obj, &rep) < 0)
         return NULL;
@@ -1342,6 +1375,7 @@ static PyObject *index_clear_replica(IndexObject *self, PyObject *rep_obj)
 static PyObject *index_remove_replica(IndexObject *self, PyObject *rep_obj)
 {
     CHECK_INIT(self, NULL);
+    memo_forget(self);
     uint32_t rep;
     if (rep_find(self, rep_obj, &rep) < 0)
         return NULL;
@@ -1361,6 +1395,7 @@ static PyObject *index_remove_replica(IndexObject *self, PyObject *rep_obj)
 static PyObject *index_set_capacity(IndexObject *self, PyObject *args)
 {
     CHECK_INIT(self, NULL);
+    memo_forget(self);
     PyObject *rep_obj, *cap_obj;
     if (!PyArg_ParseTuple(args, "OO:set_capacity", &rep_obj, &cap_obj))
         return NULL;
