@@ -401,13 +401,9 @@ static int parse_hash_args(PyObject *bs_obj, PyObject *seed_obj, Py_ssize_t *bs,
     return 0;
 }
 
-struct IndexObject_;
-static void prefetch_home(struct IndexObject_ *ix, uint64_t h);
 
-/* Hash the full blocks of `data` into a new Chain. With `ix`, also prefetch each block's home
- * slot, so the match that follows finds its slots in cache. */
-static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *seed_obj,
-                                    struct IndexObject_ *ix)
+/* Hash the full blocks of `data` into a new Chain. */
+static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
 {
     Py_ssize_t bs;
     uint64_t h;
@@ -420,24 +416,9 @@ static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *
     ChainObject *c = chain_alloc(n);
     if (c) {
         const unsigned char *p = view.buf;
-        if (bs == 64) {
-            for (Py_ssize_t i = 0; i < n; i++, p += 64) {
-                h = plb_xxh64_64(p, h);
-                c->h[i] = h;
-                if (ix)
-                    prefetch_home(ix, h);
-            }
-        } else if (ix) {
-            for (Py_ssize_t i = 0; i < n; i++, p += bs) {
-                h = plb_xxh64(p, (size_t)bs, h);
-                c->h[i] = h;
-                prefetch_home(ix, h);
-            }
-        } else {
-            for (Py_ssize_t i = 0; i < n; i++, p += bs) {
-                h = plb_xxh64(p, (size_t)bs, h);
-                c->h[i] = h;
-            }
+        for (Py_ssize_t i = 0; i < n; i++, p += bs) {
+            h = bs == 64 ? plb_xxh64_64(p, h) : plb_xxh64(p, (size_t)bs, h);
+            c->h[i] = h;
         }
     }
     PyBuffer_Release(&view);
@@ -1746,7 +1727,7 @@ static PyObject *mod_block_hashes(PyObject *mod, PyObject *args, PyObject *kwds)
     PyObject *data, *bs = NULL, *seed = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:block_hashes", kwlist, &data, &bs, &seed))
         return NULL;
-    ChainObject *c = chain_from_data(data, bs, seed, NULL);
+    ChainObject *c = chain_from_data(data, bs, seed);
     if (!c)
         return NULL;
     PyObject *list = chain_tolist(c, NULL);
@@ -1760,7 +1741,7 @@ static PyObject *mod_chain(PyObject *mod, PyObject *args, PyObject *kwds)
     PyObject *data, *bs = NULL, *seed = NULL;
     if (!PyArg_ParseTupleAndKeywords(args, kwds, "O|OO:chain", kwlist, &data, &bs, &seed))
         return NULL;
-    return (PyObject *)chain_from_data(data, bs, seed, NULL);
+    return (PyObject *)chain_from_data(data, bs, seed);
 }
 
 static PyObject *mod_xxh64(PyObject *mod, PyObject *args, PyObject *kwds)
