@@ -4,29 +4,32 @@
  * tests require both to give identical matches, evictions, LRU order and counters.
  *
  * Layout (all indices are uint32; NIL = UINT32_MAX):
- *   Entry  (32 B)  one (block hash, replica) pair: the replica's LRU links, the links of the
- *                  block's holder list, the hash. Allocated from fixed-size chunks with a free
- *                  list, so memory is bounded by the live entries plus one chunk and is never
- *                  moved (indices stay valid).
+ *   Entry  (24 B)  one (block hash, replica) pair: the replica's LRU links, the next holder of
+ *                  the block (holder lists are singly linked: one or two entries in practice),
+ *                  the hash. One array grown by an eighth at a time, with a free list, so
+ *                  memory is bounded by the live entries (plus the growth slack); indices stay
+ *                  valid when it moves, and no Entry pointer is held across an allocation.
  *   Slot   (8 B)   open-addressed table keyed by block hash -> head of its holder list. Linear
- *                  probing with backward-shift deletion (no tombstones). The slot keeps a
- *                  32-bit tag of the mixed hash: the probe compares tags first, and the tag
- *                  alone gives the home position, so deletion and resize never touch entries.
+ *                  probing at load <= 0.5 with backward-shift deletion (no tombstones). The
+ *                  slot keeps a 32-bit tag of the mixed hash: the probe compares tags first,
+ *                  and the tag alone gives the home position, so deletion and resize never
+ *                  touch entries.
  *   Replica        LRU list head/tail, count, capacity, eviction counter, the external id,
- *                  and per-match scratch (generation, depth).
+ *                  and per-match scratch (generation, depth, the matched run's ends).
  *
- * Memory, not arithmetic, is the cost on large indexes (a dependent DRAM miss is ~150 ns on the
- * development VM), so the hot paths prefetch what they are about to need: lookup() prefetches
- * each block's home slot while the serial XXH64 chain is computed (the hash loop is latency-
- * bound and leaves the memory system idle), and insert() walks the victims it is about to
- * evict once, prefetching their slots, before the sequential loop evicts them. Measured
- * alternatives that lost are recorded in benchmarks/README.md.
+ * Memory, not arithmetic, is the cost on large indexes, so the hot paths prefetch what they are
+ * about to need, and the request path does its table work where the CPU is otherwise idle:
+ * lookup() hashes the prompt (a serial XXH64 chain, latency-bound) and runs the match walk
+ * MATCH_LAG blocks behind it; insert() keeps a cursor EVICT_AHEAD victims ahead of the LRU head
+ * and prefetches their slots. Measured alternatives are recorded in benchmarks/README.md.
  *
  * match() walks the chain from block 0 and, at block k, advances exactly the replicas that held
  * blocks 0..k-1 and hold k (holder-list walk with a generation mark): O(sum of holders over the
- * matched blocks), independent of how many replicas the index knows. The matched entries are
- * collected in walk order and refreshed in reverse, which touches every replica's chain from
- * tail to head, as the reference does.
+ * matched blocks), independent of how many replicas the index knows. It then refreshes each
+ * replica's matched blocks tail first, as the reference does; when they already form one run of
+ * the replica's LRU list in chain order (as the previous refresh or insert left them), that is
+ * one O(1) move of the run. insert() of the chain just matched (the request path) reuses the
+ * match instead of probing the table for the blocks it found.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
