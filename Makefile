@@ -3,7 +3,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test demo bench-index vllm clean
+.PHONY: install test demo bench-index asan vllm clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -22,7 +22,14 @@ test: install
 demo: install
 	$(BIN)/prefixlb demo
 
-## bench-index: the index benchmark (about 4 minutes); writes benchmarks/results/bench_index.*
+## asan: the index's property tests on the extension built with AddressSanitizer + UBSan (~1 min)
+asan: install
+	rm -rf build/asan && mkdir -p build/asan && git ls-files -z | xargs -0 cp --parents -t build/asan
+	cd build/asan && PREFIXLB_SANITIZE=1 ../../$(BIN)/python setup.py -q build_ext --inplace
+	cd build/asan && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
+		PYTHONPATH=. ../../$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_index.py tests/test_index_hash.py
+
+## bench-index: the index benchmark (about 1 minute); writes benchmarks/results/bench_index.*
 bench-index: install
 	$(BIN)/python benchmarks/bench_index.py
 

@@ -15,7 +15,7 @@ was run. A second table measures the worst case the design admits: a prefix held
 replica (match walks every holder).
 
 Usage:
-  python benchmarks/bench_index.py                 # full grid (about 3-4 min here)
+  python benchmarks/bench_index.py                 # full grid (about 1 min here)
   python benchmarks/bench_index.py --quick         # small grid for smoke tests (~10 s)
   python benchmarks/bench_index.py --json OUT.json --markdown OUT.md
 """
