@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bounds import Bounds, compute_bounds, percentile  # noqa: E402
-from targets import PEERS, POLICY_TARGETS, PRECISE, start_target  # noqa: E402
+from targets import ADMIN_TOKEN, PEERS, POLICY_TARGETS, PRECISE, start_target  # noqa: E402
 
 from prefixlb.emulator.fleet import start_fleet_process  # noqa: E402
 from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
@@ -150,6 +150,22 @@ async def prediction_error(base: str) -> dict:
             "cached_prediction_error": round(abs(pred - act) / act, 4) if act else None}
 
 
+async def balancer_state(base: str) -> dict:
+    """What prefixlb learned by the end of the run (``GET /admin/replicas``): per replica its
+    prefill rate, fixed TTFT, capacity and index blocks -- to read a result against the
+    simulator's."""
+    import aiohttp
+
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+                s.get(base + "/admin/replicas", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
+            if r.status != 200:
+                return {}
+            return {"balancer_state": await r.json()}
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return {}
+
+
 async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -> dict:
     proc = None
     stop_real = None
@@ -173,6 +189,7 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
         target = start_target(name, urls, probe=("/v1/chat/completions", probe_body), precise=precise)
         try:
             before = await replica_counters(urls)
+            cpu0 = target.cpu_ns()
             bar = _progress(len(specs), name)
             try:
                 outs, wall = await drive(target.url, specs, time_scale=fleet.time_scale, progress=bar,
@@ -180,9 +197,11 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
             finally:
                 bar.close()
             after = await replica_counters(urls)
+            cpu_s = (target.cpu_ns() - cpu0) / 1e9
             health = await emulator_health(urls) if proc is not None else {}
             if name in POLICY_TARGETS or name == PRECISE:
                 health.update(await prediction_error(target.url))
+                health.update(await balancer_state(target.url))
         finally:
             target.stop()
     finally:
@@ -191,6 +210,8 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
         if stop_real is not None:
             stop_real()
     out = _summarize(name, outs, wall, fleet.time_scale, before, after, urls)
+    # the balancer's own CPU: on a small machine it competes with the emulated fleet for cores
+    out["balancer_cpu_ms_per_request"] = round(1e3 * cpu_s / max(1, len(outs)), 3)
     out.update(health)
     if health.get("emulator_rebases") or (health.get("emulator_late_step_share") or 0) > 0.05:
         print(f"prefixlb bench: WARNING: the emulated fleet fell behind its time scale during {name} "
@@ -433,17 +454,18 @@ def to_markdown(report: dict) -> str:
              f"{'modelled from the profile' if s['real_replicas'] else 'emulated'}).",
              "",
              "| target | hit rate | of pooled | TTFT p50 ms | p90 | p99 | p90 over floor | p99 over floor | req/s | "
-             "errors | busiest replica | emulator late steps |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "errors | busiest replica | emulator late steps | balancer CPU ms/req |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for t in report["targets"]:
         if "skipped" in t:
-            lines.append(f"| {t['name']} | skipped: {t['skipped']} |||||||||| ")
+            lines.append(f"| {t['name']} | skipped: {t['skipped']} ||||||||||| ")
             continue
         lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {t['hit_rate_of_oracle']:.0%} | {t['ttft_p50_ms']:.0f} | "
                      f"{t['ttft_p90_ms']:.0f} | {t['ttft_p99_ms']:.0f} | +{t['ttft_p90_over_floor_ms']:.0f} | "
                      f"+{t['ttft_p99_over_floor_ms']:.0f} | {t['throughput_rps']:.2f} | {t['errors']} | "
                      f"{t['busiest_replica_share']:.0%} | "
-                     f"{'n/a' if t.get('emulator_late_step_share') is None else format(t['emulator_late_step_share'], '.1%')} |")
+                     f"{'n/a' if t.get('emulator_late_step_share') is None else format(t['emulator_late_step_share'], '.1%')} | "
+                     f"{t.get('balancer_cpu_ms_per_request', 'n/a')} |")
     if report["checks"]:
         mark = {True: "✅", False: "❌", None: "⚠️"}
         lines += [""] + [f"- {mark[c['ok']]} {c['check']}: {c['value']}" for c in report["checks"]]

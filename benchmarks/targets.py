@@ -10,6 +10,7 @@ costs it ~20% throughput).
 from __future__ import annotations
 
 import os
+import secrets
 import re
 import shutil
 import socket
@@ -26,6 +27,11 @@ POLICY_TARGETS = {"prefixlb": "cache_aware", "round_robin": "round_robin", "leas
 #: prefixlb in precise mode (the index follows the replicas' KV events); needs a fleet publishing them
 PRECISE = "prefixlb-precise"
 PEERS = ("sglang-router", "vllm-router")
+
+
+#: prefixlb targets run with this admin token, so the runner can read what they learned
+ADMIN_TOKEN = secrets.token_hex(16)
+ADMIN_ENV = {"PREFIXLB_ADMIN_TOKEN": ADMIN_TOKEN}
 
 
 def free_port() -> int:
@@ -160,13 +166,13 @@ def start_target(name: str, replicas: list[str], *, probe: tuple[str, bytes], co
         path = precise_config(replicas, **(precise or {}))
         argv = [py, "-m", "prefixlb", "serve", "--config", path, "--log-level", "warning"]
         try:
-            return Target(name, argv + (extra or []), None, probe=probe)
+            return Target(name, argv + (extra or []), None, probe=probe, env=ADMIN_ENV)
         finally:
             os.unlink(path)  # read at start-up
     if name in POLICY_TARGETS:
         argv = [py, "-m", "prefixlb", "serve", "--port", "0", "--policy", POLICY_TARGETS[name], "--log-level", "warning"]
         argv += ["--config", config] if config else [a for u in replicas for a in ("--replica", u)]
-        return Target(name, argv + (extra or []), None, probe=probe)
+        return Target(name, argv + (extra or []), None, probe=probe, env=ADMIN_ENV)
     hf = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "1"}
     if name == "sglang-router":
         try:
