@@ -1,11 +1,11 @@
-"""Build the optional C extension ``prefixlb.index._native`` from ``native/``.
-
-The extension is the request-path hot loop (XXH64 block-hash chain and the prefix index).
-If it cannot be built (no compiler, no Python headers), the package still installs and runs
-on the pure-Python reference; ``prefixlb.index.NATIVE`` then reads False.
+"""Build the optional C extensions from ``native/``: ``prefixlb.index._native`` (the request
+path's hot loop: XXH64 block-hash chain, prefix index, scoring) and
+``prefixlb.routing.classifier._tiernet`` (the tier classifier's forward pass).
+If they cannot be built (no compiler, no Python headers), the package still installs and runs
+on the pure-Python (and numpy) references; ``prefixlb.index.NATIVE`` then reads False.
 
 Build switches (environment variables, read at build time):
-  PREFIXLB_NO_EXTENSION=1   skip the extension entirely (tests the fallback install)
+  PREFIXLB_NO_EXTENSION=1   skip the extensions entirely (tests the fallback install)
   PREFIXLB_DEBUG=1          -O0 -g3, assertions on
   PREFIXLB_SANITIZE=1       AddressSanitizer + UndefinedBehaviorSanitizer (run Python with
                             LD_PRELOAD=$(gcc -print-file-name=libasan.so))
@@ -72,6 +72,16 @@ if not _flag("PREFIXLB_NO_EXTENSION"):
             sources=["native/index.c"],
             depends=["native/xxh64.h"],
             include_dirs=["native"],
+            extra_compile_args=extra_compile_args,
+            extra_link_args=extra_link_args,
+            undef_macros=undef_macros,
+            libraries=["m"],
+        )
+    )
+    ext_modules.append(
+        Extension(
+            "prefixlb.routing.classifier._tiernet",
+            sources=["native/tiernet.c"],
             extra_compile_args=extra_compile_args,
             extra_link_args=extra_link_args,
             undef_macros=undef_macros,

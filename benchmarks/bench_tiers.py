@@ -525,11 +525,12 @@ def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
             "tiers": [{"name": "small", "model": "llama-3.1-8b", "replicas": [rurl]}]}
     three = {**base, "tiers": [{"name": t, "model": "llama-3.1-8b", "replicas": [u]} for t, u in zip(TIERS, rurls)]}
     variants = {"prefixlb": base,
-                "prefixlb+rules": {**three, "tier_routing": {"rules": RULES,
-                                                             "decision_log": {"path": str(work / "r.jsonl")}}}}
+                "prefixlb+rules": {**three, "tier_routing": {"rules": RULES}}}
     if model_dir is not None:
-        variants["prefixlb+classifier"] = {**three, "tier_routing": {
-            "rules": RULES, "classifier": {"model": str(model_dir)}, "decision_log": {"path": str(work / "c.jsonl")}}}
+        clf = {"rules": RULES, "classifier": {"model": str(model_dir)}}
+        variants["prefixlb+classifier"] = {**three, "tier_routing": clf}
+        variants["prefixlb+classifier+log"] = {**three, "tier_routing": {
+            **clf, "decision_log": {"path": str(work / "c.jsonl")}}}
     probe = ("/v1/chat/completions", auto)
     targets = {}
     load_before = os.getloadavg()
@@ -619,8 +620,9 @@ def markdown(r: dict) -> str:
         lines += ["", f"Overhead (`{r['overhead'].get('command', '')}`: bench_overhead's fake replica and client, "
                       f"`model: auto`, {r['overhead']['rounds']} rounds, medians; added = target minus direct"
                       + (f"; 1-minute load average {la[0]} before, {la[1]} after, on 2 vCPUs" if la else "") + "). "
-                      "prefixlb+rules: the benchmark's four rules and the decision log; prefixlb+classifier: the "
-                      "same plus the trained classifier deciding every request:", "",
+                      "prefixlb+rules: the benchmark's four rules; prefixlb+classifier: the same plus the trained "
+                      "classifier deciding every request (the configuration the overhead target is about); "
+                      "+log: with the decision log on as well (off by default):", "",
                   "| target | added p50 ms (chat c=1) | added p99 ms | req/s chat c=32 | CPU µs/req chat |",
                   "|---|---|---|---|---|"]
         for name, v in s.items():

@@ -130,3 +130,61 @@ def test_importing_the_package_pulls_neither_torch_nor_matplotlib():
             "print('torch' in sys.modules, 'matplotlib' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.stdout.split() == ["False", "False"], out.stderr
+
+
+def test_native_forward_pass_equals_the_numpy_reference(tmp_path):
+    """native/tiernet.c against TierClassifier._probs_reference: same probabilities to float
+    rounding (the table is float32), hence the same tier, on prompts of every shape."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    c = TierClassifier.load(_model(tmp_path, tiers=("s", "m", "l", "xl"), seed=3))
+    if not c.native:
+        pytest.skip("the _tiernet extension is not built")
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.text(max_size=400) | st.sampled_from(PROMPTS))
+    def check(prompt):
+        ids, feats = c._feat(prompt)
+        got = np.asarray(c._net.probs(ids, feats))
+        want = c._probs_reference(ids, feats)
+        assert got.shape == want.shape
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6)
+        assert all(got[i] >= got[i + 1] for i in range(len(got) - 1))
+
+    check()
+
+
+def test_native_forward_pass_refuses_bad_input(tmp_path):
+    c = TierClassifier.load(_model(tmp_path))
+    if not c.native:
+        pytest.skip("the _tiernet extension is not built")
+    ids, feats = c._feat("what is the integral of x?")
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        c._net.probs([len(VOCAB)], feats)
+    with pytest.raises(ValueError, match="features"):
+        c._net.probs(ids, feats[:-1])
+    with pytest.raises(TypeError):
+        c._net.probs(ids, ["x"] * len(feats))
+    from prefixlb.routing.classifier._tiernet import TierNet
+
+    with pytest.raises(ValueError, match="shapes"):
+        TierNet(np.zeros((3, 2), np.float32), np.zeros(3), np.zeros((2, 1)), np.zeros(4), np.ones(4),
+                np.zeros((5, 4)), np.zeros(5), np.zeros((1, 5)), np.zeros(1))
+    with pytest.raises(ValueError, match="feat_std"):
+        TierNet(np.zeros((3, 2), np.float32), np.zeros(2), np.zeros((2, 1)), np.zeros(4), np.zeros(4),
+                np.zeros((5, 4)), np.zeros(5), np.zeros((1, 5)), np.zeros(1))
+
+
+def test_the_numpy_forward_pass_runs_when_native_is_forced_off(tmp_path):
+    import subprocess
+    import sys
+
+    d = _model(tmp_path)
+    code = ("from prefixlb.routing.classifier import TierClassifier as T; c = T.load(%r); "
+            "print(c.native, round(c.score('2 + 2 ='), 9))" % str(d))
+    env = {**__import__("os").environ, "PREFIXLB_NATIVE": "0"}
+    off = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert off.stdout.split()[0] == "False"
+    c = TierClassifier.load(d)
+    assert abs(float(off.stdout.split()[1]) - c.score("2 + 2 =")) < 1e-6

@@ -1,5 +1,5 @@
-"""The trained tier classifier on the request path: numpy only (no torch), a few tens of
-microseconds per prompt.
+"""The trained tier classifier on the request path: no torch; the forward pass in C
+(``native/tiernet.c``) when the extension is built, else numpy; microseconds per prompt.
 
 A model directory holds:
 
@@ -26,6 +26,7 @@ Inference, for one prompt:
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -33,6 +34,13 @@ import numpy as np
 
 from .features import FEATURE_NAMES, Featurizer
 from .tokenize import WordPiece
+
+try:  # the forward pass in C (native/tiernet.c); the numpy one below is its reference
+    from ._tiernet import TierNet as _TierNet
+except ImportError:
+    _TierNet = None
+if os.environ.get("PREFIXLB_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+    _TierNet = None
 
 __all__ = ["FORMAT", "ModelError", "TierClassifier", "save_model"]
 
@@ -88,6 +96,8 @@ class TierClassifier:
         self._inv_sd = 1.0 / a["feat_std"]
         self._w1, self._b1, self._w2, self._b2 = a["w1"], a["b1"], a["w2"], a["b2"]
         self._feat = Featurizer(WordPiece(vocab), int(config.get("text_cap", 2000)))
+        self._net = None if _TierNet is None else _TierNet(
+            self._table, self._gbias, self._rates, self._mu, a["feat_std"], self._w1, self._b1, self._w2, self._b2)
         self.threshold = self._pick_threshold(threshold, budget)
 
     # -- loading -----------------------------------------------------------------------------
@@ -131,9 +141,23 @@ class TierClassifier:
 
     # -- inference ---------------------------------------------------------------------------
 
+    @property
+    def native(self) -> bool:
+        """Whether the forward pass runs in C (``_tiernet``) rather than numpy."""
+        return self._net is not None
+
     def probs(self, prompt: str) -> np.ndarray:
         """``p[k]`` = P(a tier above tier k is needed), k = 0..K-2, non-increasing."""
+        return np.asarray(self._forward(prompt))
+
+    def _forward(self, prompt: str) -> Sequence[float]:
         ids, feats = self._feat(prompt)
+        if self._net is not None:
+            return self._net.probs(ids, feats)
+        return self._probs_reference(ids, feats)
+
+    def _probs_reference(self, ids: list[int], feats: list[float]) -> np.ndarray:
+        """The forward pass in numpy: the specification native/tiernet.c must match."""
         if ids:
             g = self._table[ids].sum(axis=0) * (1.0 / len(ids)) + self._gbias
         else:
@@ -150,7 +174,7 @@ class TierClassifier:
 
     def score(self, prompt: str) -> float:
         """P(the next tier above the cheapest is needed) — with two tiers, the strong one."""
-        return float(self.probs(prompt)[0])
+        return float(self._forward(prompt)[0])
 
     def choose(self, prompt: str, tiers: Sequence[str] | None = None) -> tuple[str, float]:
         """(tier, score): climb from the cheapest tier while P(a dearer tier is needed) >= threshold.
@@ -161,7 +185,7 @@ class TierClassifier:
         names = self.tiers if tiers is None else list(tiers)
         if len(names) != len(self.tiers):
             raise ValueError(f"model routes among {len(self.tiers)} tiers {self.tiers}, got {len(names)}: {names}")
-        p = self.probs(prompt)
+        p = self._forward(prompt)
         k = 0
         t = self.threshold
         while k < len(p) and p[k] >= t:
