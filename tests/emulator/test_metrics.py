@@ -99,3 +99,25 @@ async def test_durations_are_emulated_seconds_whatever_the_time_scale() -> None:
     # the same request on the same modelled hardware: the same emulated latency
     assert abs(sums[0] - sums[1]) <= 0.05 * max(sums)
     assert sums[0] > 0
+
+
+def test_fast_exposition_is_prometheus_clients_byte_for_byte() -> None:
+    """The emulator renders /metrics with TextFormat (headers and label prefixes cached): the
+    text must be generate_latest's exactly, through every kind of update."""
+    import random
+
+    from prometheus_client import generate_latest
+
+    from prefixlb.emulator.metrics import ReplicaMetrics
+    from prefixlb.engine import Engine
+
+    m = ReplicaMetrics(Engine("h100-llama3-8b"), time_scale=1.0)
+    rng = random.Random(7)
+    hists = [h for h in vars(m).values() if type(h).__name__ == "Histogram"]
+    assert len(hists) >= 5
+    for round_ in range(20):
+        assert m.exposition() == generate_latest(m.registry), f"round {round_}"
+        for h in hists:
+            for _ in range(rng.randrange(0, 30)):
+                h.observe(rng.choice([0.0, 1e-4, rng.expovariate(2.0), 3e3, 1e7]))
+        m.stop_string_finishes += rng.randrange(3)
