@@ -22,12 +22,13 @@ test: install
 demo: install
 	$(BIN)/prefixlb demo
 
-## asan: the index's property tests on the extension built with AddressSanitizer + UBSan (~1 min)
+## asan: the property tests of the C extensions (index, tier classifier) built with ASan + UBSan (~30 s)
 asan: install
 	rm -rf build/asan && mkdir -p build/asan && git ls-files -z | xargs -0 cp --parents -t build/asan
 	cd build/asan && PREFIXLB_SANITIZE=1 ../../$(BIN)/python setup.py -q build_ext --inplace
 	cd build/asan && ASAN_OPTIONS=detect_leaks=0 LD_PRELOAD=$$(gcc -print-file-name=libasan.so) \
-		PYTHONPATH=. ../../$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_index.py tests/test_index_hash.py
+		PYTHONPATH=. ../../$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_index.py tests/test_index_hash.py \
+		tests/classifier/test_inference.py
 
 ## bench-index: the index benchmark (about 1 minute); writes benchmarks/results/bench_index.*
 bench-index: install

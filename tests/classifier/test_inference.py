@@ -188,3 +188,55 @@ def test_the_numpy_forward_pass_runs_when_native_is_forced_off(tmp_path):
     assert off.stdout.split()[0] == "False"
     c = TierClassifier.load(d)
     assert abs(float(off.stdout.split()[1]) - c.score("2 + 2 =")) < 1e-6
+
+
+WP_VOCAB = ["[PAD]", "[UNK]", "what", "is", "the", "int", "##egral", "##e", "##g", "of", "x", "?", "2", "##2", "+",
+            "=", "capital", "a", "##b", "##c", "b", "c", "1", "##1", "not", "answer", ":", ".", "d", "all", "none",
+            "above", "statement", "%", "$", "false", "a", "##s"]  # "a" twice: the last index wins
+
+
+def _ascii_prompts():
+    from hypothesis import strategies as st
+
+    ascii_text = st.text(alphabet=st.characters(max_codepoint=127), max_size=300)
+    piece = st.sampled_from(["what is the integral of x?", "2 + 2 = 4", "Statement 1 | x", " not ", "except",
+                             "least", "All of the above", "none of the following", "12.5%", "$30", "aab", "2222",
+                             "ints", "\x1c", "\t", " \n", "?", "! ", ". ", "intxegral", "a" * 101, "#", "##b", "_not_"])
+    body = st.lists(piece | ascii_text, max_size=6).map("".join)
+    option = st.lists(piece | st.text(alphabet="0123456789 .x", max_size=8), max_size=3).map("".join)
+    mc = st.builds(lambda q, a, b, c, d, tail: f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:{tail}",
+                   body, option, option, option, option, st.sampled_from(["", " ", "\n", " x"]))
+    return body | mc | ascii_text
+
+
+def test_native_featuriser_equals_the_python_one_on_ascii_prompts(tmp_path):
+    """native/tiernet.c's ASCII fast path against tokenize.py + features.py: the same token ids
+    and bit-identical features, so the model sees exactly what it was trained on."""
+    from hypothesis import given, settings
+
+    rng = np.random.default_rng(5)
+    K, G, H, F = 3, 4, 8, len(FEATURE_NAMES)
+    D = K - 1 + F
+    arrays = {"group_table": rng.normal(size=(len(WP_VOCAB), G)), "group_bias": rng.normal(size=G),
+              "rates": rng.uniform(size=(G, K - 1)), "feat_mean": rng.normal(size=D),
+              "feat_std": rng.uniform(0.5, 2.0, size=D), "w1": rng.normal(size=(H, D)) * 0.3,
+              "b1": rng.normal(size=H), "w2": rng.normal(size=(K - 1, H)), "b2": rng.normal(size=K - 1)}
+    cfg = {"tiers": ["s", "m", "l"], "prices": [1.0, 2.0, 4.0], "text_cap": 120, "feature_names": list(FEATURE_NAMES),
+           "calibration": {"default_threshold": 0.5}}
+    save_model(tmp_path / "wp", cfg, arrays, WP_VOCAB)
+    c = TierClassifier.load(tmp_path / "wp")
+    if not c.native:
+        pytest.skip("the _tiernet extension is not built")
+    assert c._net.featurize("Ünïcode", 120) is None and c._net.probs_text("Ünïcode", 120) is None
+
+    @settings(max_examples=600, deadline=None)
+    @given(_ascii_prompts())
+    def check(prompt):
+        ids, feats = c._feat(prompt)
+        got = c._net.featurize(prompt, 120)
+        assert got is not None
+        assert got[0] == list(ids)
+        assert got[1] == feats  # bit-identical floats
+        assert c._net.probs_text(prompt, 120) == c._net.probs(ids, feats)
+
+    check()
