@@ -502,7 +502,7 @@ def bootstrap(base: dict, other: dict, seed: int, rounds: int = 2000) -> dict:
 def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
     import bench_overhead as bo
     import bench_proxy_core as core
-    from targets import Target
+    from targets import Target, start_target
 
     auto = bo.BODY.replace(b'"model":"llama-3.1-8b"', b'"model":"auto"')
     assert auto != bo.BODY
@@ -540,6 +540,10 @@ def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
             p.write_text(yaml.safe_dump(doc))
             targets[name] = Target(name, [sys.executable, "-m", "prefixlb", "serve", "--config", str(p),
                                           "--log-level", "warning"], None, probe=probe)
+        try:  # the throughput half of the overhead target: at least sglang-router's, same run
+            targets["sglang-router"] = start_target("sglang-router", [rurl], probe=probe)
+        except RuntimeError as exc:
+            print(f"sglang-router skipped: {exc}", file=sys.stderr)
         urls = {"direct": rurl, **{n: t.url for n, t in targets.items()}}
         names = list(urls)
         res = []
@@ -630,6 +634,17 @@ def markdown(r: dict) -> str:
                 continue
             lines.append(f"| {name} | +{v['chat_c1_p50_added']:.3f} | +{v['chat_c1_p99_added']:.3f} | "
                          f"{v['chat_c32_rps']:.0f} | {v['chat_c32_cpu_us_per_req']:.0f} |")
+        c = s.get("prefixlb+classifier")
+        if c:
+            lines += ["", "Overhead target with the classifier on (issue 4's target, issue 6's condition):",
+                      f"- added p50 <= 0.25 ms: {c['chat_c1_p50_added']:.3f} ms — "
+                      f"{'met' if c['chat_c1_p50_added'] <= 0.25 else 'not met'}",
+                      f"- added p99 <= 1 ms: {c['chat_c1_p99_added']:.3f} ms — "
+                      f"{'met' if c['chat_c1_p99_added'] <= 1.0 else 'not met'}"]
+            g = s.get("sglang-router")
+            if g:
+                lines.append(f"- chat c=32 throughput >= sglang-router's: {c['chat_c32_rps']:.0f} vs "
+                             f"{g['chat_c32_rps']:.0f} req/s — {'met' if c['chat_c32_rps'] >= g['chat_c32_rps'] else 'not met'}")
     return "\n".join(lines) + "\n"
 
 
