@@ -633,8 +633,38 @@ static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
     return 0;
 }
 
+/* Place a new block at slot `at`, the first empty one from its home (known to the caller), or
+ * by a fresh probe when the table has to grow first. */
+static inline int slot_place(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t e, uint32_t at)
+{
+    if ((ix->n_used + 1) * 2 > ((uint64_t)1 << ix->bits))
+        return slot_insert(ix, h, e);
+    ix->slots[at].tag = tag;
+    ix->slots[at].head = e + 1;
+    ix->n_used++;
+    return 0;
+}
+
 /* Backward-shift deletion: keeps every probe sequence unbroken without tombstones. */
-static void slot_delete(IndexObject *ix, uint32_t i)
+/* slot_find that also reports, when h is absent, the empty slot its probe stopped at. */
+static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t *empty)
+{
+    const uint32_t mask = (1u << ix->bits) - 1u;
+    uint32_t i = home_of(tag, ix->bits);
+    for (;;) {
+        Slot s = ix->slots[i];
+        if (s.head == 0) {
+            *empty = i;
+            return NIL;
+        }
+        if (s.tag == tag && E(ix, s.head - 1)->hash == h)
+            return i;
+        i = (i + 1) & mask;
+    }
+}
+
+/* Backward-shift deletion; returns the slot left empty (the only one it empties). */
+static uint32_t slot_delete(IndexObject *ix, uint32_t i)
 {
     const uint32_t mask = (1u << ix->bits) - 1u;
     uint32_t j = i;
@@ -654,6 +684,7 @@ static void slot_delete(IndexObject *ix, uint32_t i)
     ix->slots[i].head = 0;
     ix->slots[i].tag = 0;
     ix->n_used--;
+    return i;
 }
 
 static void table_maybe_shrink(IndexObject *ix)
@@ -676,22 +707,24 @@ static inline void hold_push(IndexObject *ix, uint32_t slot, uint32_t e)
     ix->slots[slot].head = e + 1;
 }
 
-static void hold_unlink(IndexObject *ix, uint32_t e)
+/* Take entry e out of its block's holder list; returns the slot emptied when e was the block's
+ * last holder, else NIL. */
+static uint32_t hold_unlink(IndexObject *ix, uint32_t e)
 {
     Entry *en = E(ix, e);
     uint32_t slot = slot_find(ix, en->hash);
     uint32_t head = ix->slots[slot].head - 1;
     if (head == e) {
         if (en->hold_next == NIL)
-            slot_delete(ix, slot);
-        else
-            ix->slots[slot].head = en->hold_next + 1;
-        return;
+            return slot_delete(ix, slot);
+        ix->slots[slot].head = en->hold_next + 1;
+        return NIL;
     }
     Entry *p = E(ix, head);
     while (p->hold_next != e)
         p = E(ix, p->hold_next);
     p->hold_next = en->hold_next;
+    return NIL;
 }
 
 static inline uint32_t hold_find(IndexObject *ix, uint32_t slot, uint32_t rep)
@@ -1078,7 +1111,9 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
 {
     const uint64_t hk = h[k];
     Replica *r = &ix->reps[rep];
-    uint32_t slot = slot_find(ix, hk);
+    const uint32_t tag = tag_of(hk);
+    uint32_t empty = NIL, hole = NIL;
+    uint32_t slot = slot_probe(ix, hk, tag, &empty);
     if (slot != NIL) {
         uint32_t e = hold_find(ix, slot, rep);
         if (e != NIL) {
@@ -1112,7 +1147,7 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
             E(ix, next)->lru_prev = NIL;
         else
             r->lru_tail = NIL;
-        hold_unlink(ix, e);
+        hole = hold_unlink(ix, e);
         r->count--;
         ix->n_entries--;
         r->evictions++;
@@ -1131,7 +1166,11 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
         hold_push(ix, slot, e);
     } else {
         en->hold_next = NIL;
-        if (slot_insert(ix, hk, e) < 0) {
+        /* the block's slot is the first empty one from its home: the probe stopped at `empty`,
+         * and the eviction emptied at most one slot, `hole` (a deletion never fills one) */
+        const uint32_t mask = (1u << ix->bits) - 1u, home = home_of(tag, ix->bits);
+        const uint32_t at = hole != NIL && ((hole - home) & mask) < ((empty - home) & mask) ? hole : empty;
+        if (slot_place(ix, hk, tag, e, at) < 0) {
             entry_free(ix, e);
             return -1;
         }
