@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bounds import Bounds, compute_bounds, percentile  # noqa: E402
 from targets import ADMIN_TOKEN, PEERS, POLICY_TARGETS, PRECISE, start_target  # noqa: E402
 
-from prefixlb.emulator.fleet import start_fleet_process  # noqa: E402
+from prefixlb.emulator.fleet import start_fleet_process, start_fleet_processes  # noqa: E402
 from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
 from prefixlb.engine import get_profile, request_prompt_ids  # noqa: E402
 from prefixlb.loadgen import (  # noqa: E402
@@ -65,6 +65,7 @@ class Fleet:
     kv_capacity_tokens: int | None = None  # per replica
     max_model_len: int = 16_384
     urls: list[str] = field(default_factory=list)  # real replicas instead of an emulated fleet
+    process_per_replica: bool = False  # emulated replicas each in their own process
     # real replicas started fresh (cold) for each target: returns their URLs and a stop function
     factory: Callable[[], tuple[list[str], Callable[[], None]]] | None = None
 
@@ -176,9 +177,10 @@ async def _run_target(name: str, specs: list[RequestSpec], fleet: Fleet, args) -
     else:
         events = {"kv_events_endpoint": "tcp://127.0.0.1:*", "kv_replay_endpoint": "tcp://127.0.0.1:*"} \
             if name == PRECISE else {}
-        proc = start_fleet_process(fleet.replicas, base_port=0, profile=fleet.profile, time_scale=fleet.time_scale,
-                                   kv_capacity_tokens=fleet.kv_capacity_tokens, max_model_len=fleet.max_model_len,
-                                   startup_timeout=90, **events)
+        start = start_fleet_processes if fleet.process_per_replica else start_fleet_process
+        proc = start(fleet.replicas, base_port=0, profile=fleet.profile, time_scale=fleet.time_scale,
+                     kv_capacity_tokens=fleet.kv_capacity_tokens, max_model_len=fleet.max_model_len,
+                     startup_timeout=90, **events)
         urls = proc.urls
     try:
         model = specs[0].body.get("model", "")
@@ -306,6 +308,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                          "reset between targets")
     ap.add_argument("--model", default=None, help="served model name sent in requests (default: the profile's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--process-per-replica", action="store_true",
+                    help="run each emulated replica in its own process (real replicas are independent; in one "
+                         "process they share an event loop and delay each other's steps); default: one process")
     ap.add_argument("--keep-alive", action="store_true",
                     help="reuse client connections (default: a fresh connection per request; see the module doc)")
     ap.add_argument("--tokenizer", default=None, metavar="DIR",
@@ -348,7 +353,8 @@ def run(args: argparse.Namespace, fleet_factory: Callable[[], tuple[list[str], C
         kv = args.replica_kv_tokens
     fleet = Fleet(replicas=args.replicas if not args.replica else len(args.replica), profile=args.profile,
                   time_scale=args.time_scale if not real else 1.0, kv_capacity_tokens=kv,
-                  max_model_len=min(16_384, kv - 256 if kv else 16_384), urls=list(args.replica), factory=fleet_factory)
+                  max_model_len=min(16_384, kv - 256 if kv else 16_384), urls=list(args.replica), factory=fleet_factory,
+                  process_per_replica=args.process_per_replica)
     bounds: Bounds = compute_bounds(specs, profile=args.profile, replicas=fleet.replicas, kv_capacity_tokens=kv,
                                     max_model_len=fleet.max_model_len, block_size=args.block_size,
                                     tokenizer=args.tokenizer)
@@ -387,6 +393,7 @@ def run(args: argparse.Namespace, fleet_factory: Callable[[], tuple[list[str], C
             "shared_working_set_tokens": ws, "kv_capacity_tokens_per_replica": kv,
             "fleet_kv_over_working_set": round(kv * fleet.replicas / ws, 2) if kv and ws else None,
             "replicas": fleet.replicas, "profile": args.profile, "time_scale": fleet.time_scale,
+            "process_per_replica": fleet.process_per_replica,
             "real_replicas": real, "seed": args.seed, "keep_alive": args.keep_alive,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": getattr(args, "command_line", None)
             or " ".join(["prefixlb", "bench"] + [a for a in sys.argv[1:2] if a != "bench"] + sys.argv[2:]),
@@ -445,7 +452,7 @@ def to_markdown(report: dict) -> str:
     s = report["setup"]
     lines = [f"### {report['workload']}: {s['requests']} requests at {s['rate_rps']} req/s (prompt tokens at "
              f"{s['load']:.0%} of prefill throughput), {s['replicas']} x {s['profile']}" + (" (real replicas)" if s["real_replicas"] else
-                                                               f" emulated at {s['time_scale']:g}x"),
+                                                               f" emulated at {s['time_scale']:g}x" + (", a process per replica" if s.get("process_per_replica") else "")),
              "",
              f"`{s['command']}` — {s['date']}. Shared working set {s['shared_working_set_tokens']:,} tokens; fleet KV "
              f"{s['fleet_kv_over_working_set'] or 'n/a'}x of it. Bounds: pooled-cache hit rate "

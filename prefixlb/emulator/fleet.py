@@ -33,7 +33,7 @@ import zmq.asyncio
 from .config import ReplicaConfig
 from .replica import EmulatedReplica, load_tokenizer
 
-__all__ = ["EmulatedFleet", "FleetProcess", "start_fleet_process"]
+__all__ = ["EmulatedFleet", "FleetProcess", "FleetProcesses", "start_fleet_process", "start_fleet_processes"]
 
 
 class EmulatedFleet:
@@ -218,3 +218,40 @@ def start_fleet_process(
         FleetProcess(proc, urls, argv).stop()
         raise
     return FleetProcess(proc, urls, argv)
+
+
+class FleetProcesses:
+    """Several ``prefixlb emulate`` processes seen as one fleet: ``urls`` in order, ``stop()``."""
+
+    def __init__(self, procs: list[FleetProcess]) -> None:
+        self.procs = procs
+        self.urls = [u for p in procs for u in p.urls]
+
+    def stop(self, timeout: float = 10.0) -> None:
+        for p in self.procs:
+            p.stop(timeout)
+
+    def __enter__(self) -> FleetProcesses:
+        return self
+
+    def __exit__(self, t: type[BaseException] | None, v: BaseException | None, tb: TracebackType | None) -> None:
+        self.stop()
+
+
+def start_fleet_processes(replicas: int, **options: Any) -> FleetProcesses:
+    """One ``prefixlb emulate`` process per replica (:func:`start_fleet_process`'s options).
+
+    Real replicas are independent machines; replicas sharing one emulator process share its
+    event loop, so one replica's streaming and scrapes delay the others' engine steps. On a
+    machine with few cores that coupling shows in TTFTs and in what a balancer learns from them.
+    """
+    procs: list[FleetProcess] = []
+    try:
+        for _ in range(replicas):
+            procs.append(start_fleet_process(1, **options))
+    except BaseException:
+        for p in procs:
+            p.stop()
+        raise
+    return FleetProcesses(procs)
+

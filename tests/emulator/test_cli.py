@@ -128,3 +128,18 @@ def test_cli_publishes_kv_events_and_replays_under_uvloop() -> None:
             s.close(0)
         ctx.term()
         assert fleet.stop() == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_fleet_can_run_a_process_per_replica() -> None:
+    from prefixlb.emulator.fleet import start_fleet_processes
+
+    with start_fleet_processes(2, profile="cpu-tiny-llama", time_scale=10, block_size=16, kv_capacity_tokens=4096,
+                               max_model_len=1024, model="tiny") as fleet:
+        assert len(fleet.urls) == 2 and len({p.pid for p in fleet.procs}) == 2
+        for u in fleet.urls:
+            assert get(u + "/health")[0] == 200
+            out = post(u + "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 2})
+            assert out["usage"]["completion_tokens"] == 2
+        procs = list(fleet.procs)
+    assert all(p.proc.poll() is not None for p in procs)
