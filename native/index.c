@@ -405,28 +405,6 @@ static int parse_hash_args(PyObject *bs_obj, PyObject *seed_obj, Py_ssize_t *bs,
 }
 
 
-/* Hash the full blocks of `data` into a new Chain. */
-static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
-{
-    Py_ssize_t bs;
-    uint64_t h;
-    if (parse_hash_args(bs_obj, seed_obj, &bs, &h) < 0)
-        return NULL;
-    Py_buffer view;
-    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0)
-        return NULL;
-    Py_ssize_t n = view.len / bs;
-    ChainObject *c = chain_alloc(n);
-    if (c) {
-        const unsigned char *p = view.buf;
-        for (Py_ssize_t i = 0; i < n; i++, p += bs) {
-            h = bs == 64 ? plb_xxh64_64(p, h) : plb_xxh64(p, (size_t)bs, h);
-            c->h[i] = h;
-        }
-    }
-    PyBuffer_Release(&view);
-    return c;
-}
 
 static int parse_replica_id(PyObject *obj, uint32_t *out)
 {
@@ -1054,11 +1032,12 @@ static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n, Py
     return match_finish(ix, &w, chain);
 }
 
-/* lookup(): hash the blocks and match them in one pass. The XXH64 chain is serial (each block
- * seeds the next) and leaves most of the core idle, so the walk runs MATCH_LAG blocks behind the
- * hashing, in its shadow: block k's home slot is prefetched when its hash is known, its first
+/* Hash the full blocks of `data` into a new Chain; with an index (lookup()), match them in the
+ * same pass. The XXH64 chain is serial (each block seeds the next) and leaves most of the core
+ * idle, so the walk runs MATCH_LAG blocks behind the hashing, in its shadow: block k's home slot is prefetched when its hash is known, its first
  * holder entry MATCH_LAG - MATCH_AHEAD blocks later, and it is matched MATCH_LAG blocks later. */
-static PyObject *lookup_impl(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
+static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj, MatchWalk *w,
+                               int *go)
 {
     Py_ssize_t bs;
     uint64_t h;
@@ -1073,27 +1052,50 @@ static PyObject *lookup_impl(IndexObject *ix, PyObject *data, PyObject *bs_obj, 
         PyBuffer_Release(&view);
         return NULL;
     }
-    MatchWalk w;
-    match_begin(ix, &w);
-    int go = ix->n_used != 0;
+    int g = 0;
+    if (ix) {
+        match_begin(ix, w);
+        g = ix->n_used != 0;
+    }
     const unsigned char *p = view.buf;
     uint64_t *ch = c->h;
     for (Py_ssize_t i = 0; i < n; i++, p += bs) {
         h = bs == 64 ? plb_xxh64_64(p, h) : plb_xxh64(p, (size_t)bs, h);
         ch[i] = h;
+        if (!ix)
+            continue;
         prefetch_home(ix, h);
-        if (go > 0 && i >= MATCH_LAG) {
+        if (g > 0 && i >= MATCH_LAG) {
             const Py_ssize_t k = i - MATCH_LAG;
             prefetch_holder(ix, ch[k + MATCH_AHEAD]);
-            go = match_step(ix, &w, ch[k], k);
+            g = match_step(ix, w, ch[k], k);
         }
     }
     PyBuffer_Release(&view);
-    for (Py_ssize_t k = n > MATCH_LAG ? n - MATCH_LAG : 0; go > 0 && k < n; k++) {
-        if (k + MATCH_AHEAD < n)
-            prefetch_holder(ix, ch[k + MATCH_AHEAD]);
-        go = match_step(ix, &w, ch[k], k);
-    }
+    if (ix) /* the last MATCH_LAG blocks */
+        for (Py_ssize_t k = n > MATCH_LAG ? n - MATCH_LAG : 0; g > 0 && k < n; k++) {
+            if (k + MATCH_AHEAD < n)
+                prefetch_holder(ix, ch[k + MATCH_AHEAD]);
+            g = match_step(ix, w, ch[k], k);
+        }
+    if (go)
+        *go = g;
+    return c;
+}
+
+/* Hash the full blocks of `data` into a new Chain. */
+static ChainObject *chain_from_data(PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
+{
+    return hash_chain(NULL, data, bs_obj, seed_obj, NULL, NULL);
+}
+
+static PyObject *lookup_impl(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj)
+{
+    MatchWalk w;
+    int go;
+    ChainObject *c = hash_chain(ix, data, bs_obj, seed_obj, &w, &go);
+    if (!c)
+        return NULL;
     PyObject *m = go < 0 ? NULL : match_finish(ix, &w, (PyObject *)c);
     if (!m) {
         Py_DECREF(c);

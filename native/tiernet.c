@@ -739,20 +739,33 @@ static const char *ascii_prompt(TierNetObject *s, PyObject *const *args, Py_ssiz
     return (const char *)PyUnicode_DATA(args[0]);
 }
 
-/* featurize(prompt, text_cap) -> (ids, features) as Featurizer computes them, or None when the
- * prompt is not ASCII (the Python path handles it). */
-static PyObject *tiernet_featurize(TierNetObject *s, PyObject *const *args, Py_ssize_t nargs)
+/* Featurise the (prompt, text_cap) arguments into s->ids[0..*n_ids) and feats: 1 when done, 0
+ * when the prompt is not ASCII (the Python path handles it), -1 on error. */
+static int featurize_args(TierNetObject *s, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t *n_ids,
+                          double *feats)
 {
-    Py_ssize_t n, cap, n_ids;
+    Py_ssize_t n, cap;
     const char *P = ascii_prompt(s, args, nargs, &n, &cap);
-    if (!P) {
-        if (PyErr_Occurred())
+    if (!P)
+        return PyErr_Occurred() ? -1 : 0;
+    return featurize_ascii(s, P, n, cap, n_ids, feats) < 0 ? -1 : 1;
+}
+
+/* featurize(prompt, text_cap) -> (ids, features) as Featurizer computes them, and
+ * probs_text(prompt, text_cap) -> probs(*featurize(prompt, text_cap)); None when the prompt is
+ * not ASCII (the Python path handles it). */
+static PyObject *text_call(TierNetObject *s, PyObject *const *args, Py_ssize_t nargs, int want_probs)
+{
+    Py_ssize_t n_ids;
+    double f[N_FEATURES];
+    const int rc = featurize_args(s, args, nargs, &n_ids, f);
+    if (rc <= 0) {
+        if (rc < 0)
             return NULL;
         Py_RETURN_NONE;
     }
-    double f[N_FEATURES];
-    if (featurize_ascii(s, P, n, cap, &n_ids, f) < 0)
-        return NULL;
+    if (want_probs)
+        return forward(s, s->ids, n_ids, f);
     PyObject *ids = PyList_New(n_ids), *feats = PyList_New(N_FEATURES);
     if (!ids || !feats)
         goto fail;
@@ -775,20 +788,14 @@ fail:
     return NULL;
 }
 
-/* probs_text(prompt, text_cap) -> probs(*featurize(prompt, text_cap)), or None (not ASCII). */
+static PyObject *tiernet_featurize(TierNetObject *s, PyObject *const *args, Py_ssize_t nargs)
+{
+    return text_call(s, args, nargs, 0);
+}
+
 static PyObject *tiernet_probs_text(TierNetObject *s, PyObject *const *args, Py_ssize_t nargs)
 {
-    Py_ssize_t n, cap, n_ids;
-    const char *P = ascii_prompt(s, args, nargs, &n, &cap);
-    if (!P) {
-        if (PyErr_Occurred())
-            return NULL;
-        Py_RETURN_NONE;
-    }
-    double f[N_FEATURES];
-    if (featurize_ascii(s, P, n, cap, &n_ids, f) < 0)
-        return NULL;
-    return forward(s, s->ids, n_ids, f);
+    return text_call(s, args, nargs, 1);
 }
 
 static PyObject *tiernet_get_shape(TierNetObject *s, void *closure)

@@ -53,6 +53,26 @@ static inline uint64_t plb_xxh64_merge(uint64_t acc, uint64_t val)
     return acc * PLB_P64_1 + PLB_P64_4;
 }
 
+/* The four lanes folded into one accumulator (after the last full stripe). */
+static inline uint64_t plb_xxh64_converge(uint64_t v1, uint64_t v2, uint64_t v3, uint64_t v4)
+{
+    uint64_t h = plb_rotl64(v1, 1) + plb_rotl64(v2, 7) + plb_rotl64(v3, 12) + plb_rotl64(v4, 18);
+    h = plb_xxh64_merge(h, v1);
+    h = plb_xxh64_merge(h, v2);
+    h = plb_xxh64_merge(h, v3);
+    return plb_xxh64_merge(h, v4);
+}
+
+static inline uint64_t plb_xxh64_avalanche(uint64_t h)
+{
+    h ^= h >> 33;
+    h *= PLB_P64_2;
+    h ^= h >> 29;
+    h *= PLB_P64_3;
+    h ^= h >> 32;
+    return h;
+}
+
 static inline uint64_t plb_xxh64(const unsigned char *p, size_t len, uint64_t seed)
 {
     const unsigned char *const end = p + len;
@@ -71,11 +91,7 @@ static inline uint64_t plb_xxh64(const unsigned char *p, size_t len, uint64_t se
             v4 = plb_xxh64_round(v4, plb_read64(p + 24));
             p += 32;
         } while (p <= limit);
-        h = plb_rotl64(v1, 1) + plb_rotl64(v2, 7) + plb_rotl64(v3, 12) + plb_rotl64(v4, 18);
-        h = plb_xxh64_merge(h, v1);
-        h = plb_xxh64_merge(h, v2);
-        h = plb_xxh64_merge(h, v3);
-        h = plb_xxh64_merge(h, v4);
+        h = plb_xxh64_converge(v1, v2, v3, v4);
     } else {
         h = seed + PLB_P64_5;
     }
@@ -96,12 +112,7 @@ static inline uint64_t plb_xxh64(const unsigned char *p, size_t len, uint64_t se
         h = plb_rotl64(h, 11) * PLB_P64_1;
         p++;
     }
-    h ^= h >> 33;
-    h *= PLB_P64_2;
-    h ^= h >> 29;
-    h *= PLB_P64_3;
-    h ^= h >> 32;
-    return h;
+    return plb_xxh64_avalanche(h);
 }
 
 /* plb_xxh64(p, 64, seed) for exactly 64 bytes (the default block), unrolled. The lanes'
@@ -121,18 +132,7 @@ static inline uint64_t plb_xxh64_64(const unsigned char *p, uint64_t seed)
     v2 = plb_rotl64(v2 + b2, 31) * PLB_P64_1;
     v3 = plb_rotl64(v3 + b3, 31) * PLB_P64_1;
     v4 = plb_rotl64(v4 + b4, 31) * PLB_P64_1;
-    uint64_t h = plb_rotl64(v1, 1) + plb_rotl64(v2, 7) + plb_rotl64(v3, 12) + plb_rotl64(v4, 18);
-    h = plb_xxh64_merge(h, v1);
-    h = plb_xxh64_merge(h, v2);
-    h = plb_xxh64_merge(h, v3);
-    h = plb_xxh64_merge(h, v4);
-    h += 64;
-    h ^= h >> 33;
-    h *= PLB_P64_2;
-    h ^= h >> 29;
-    h *= PLB_P64_3;
-    h ^= h >> 32;
-    return h;
+    return plb_xxh64_avalanche(plb_xxh64_converge(v1, v2, v3, v4) + 64);
 }
 
 #endif /* PREFIXLB_XXH64_H */
