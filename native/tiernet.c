@@ -79,6 +79,17 @@ done:
     return out;
 }
 
+static void vocab_clear(TierNetObject *s)
+{
+    PyMem_Free(s->vtext);
+    PyMem_Free(s->voff);
+    PyMem_Free(s->vslot);
+    s->vtext = NULL;
+    s->voff = NULL;
+    s->vslot = NULL;
+    s->nvocab = 0;
+}
+
 static void tiernet_free_arrays(TierNetObject *s)
 {
     PyMem_Free(s->table);
@@ -91,15 +102,10 @@ static void tiernet_free_arrays(TierNetObject *s)
     PyMem_Free(s->w2);
     PyMem_Free(s->b2);
     PyMem_Free(s->work);
-    PyMem_Free(s->vtext);
-    PyMem_Free(s->voff);
-    PyMem_Free(s->vslot);
     PyMem_Free(s->ids);
-    s->vtext = NULL;
-    s->voff = NULL;
-    s->vslot = NULL;
+    vocab_clear(s);
     s->ids = NULL;
-    s->nvocab = s->ids_cap = 0;
+    s->ids_cap = 0;
     s->table = NULL;
     s->gbias = s->rates = s->mu = s->isd = s->w1 = s->b1 = s->w2 = s->b2 = s->work = NULL;
 }
@@ -159,6 +165,14 @@ static void tiernet_dealloc(TierNetObject *s)
     Py_TYPE(s)->tp_free((PyObject *)s);
 }
 
+static inline double dot(const double *a, const double *b, Py_ssize_t n)
+{
+    double acc = 0.0;
+    for (Py_ssize_t i = 0; i < n; i++)
+        acc += a[i] * b[i];
+    return acc;
+}
+
 /* The forward pass from token ids and features; the result as a tuple of K1 floats. */
 static PyObject *forward(TierNetObject *s, const int32_t *ids, Py_ssize_t n, const double *feats)
 {
@@ -194,11 +208,7 @@ static PyObject *forward(TierNetObject *s, const int32_t *ids, Py_ssize_t n, con
     for (Py_ssize_t d = 0; d < D; d++)
         z[d] = (z[d] - s->mu[d]) * s->isd[d];
     for (Py_ssize_t u = 0; u < H; u++) {
-        const double *w = s->w1 + u * D;
-        double acc = 0.0;
-        for (Py_ssize_t d = 0; d < D; d++)
-            acc += w[d] * z[d];
-        acc += s->b1[u];
+        const double acc = dot(s->w1 + u * D, z, D) + s->b1[u];
         h[u] = acc > 0.0 ? acc : 0.0;
     }
     PyObject *out = PyTuple_New(K1);
@@ -206,12 +216,7 @@ static PyObject *forward(TierNetObject *s, const int32_t *ids, Py_ssize_t n, con
         return NULL;
     double lo = INFINITY;
     for (Py_ssize_t k = 0; k < K1; k++) {
-        const double *w = s->w2 + k * H;
-        double acc = 0.0;
-        for (Py_ssize_t u = 0; u < H; u++)
-            acc += w[u] * h[u];
-        acc += s->b2[k];
-        double p = 1.0 / (1.0 + exp(-acc));
+        const double p = 1.0 / (1.0 + exp(-(dot(s->w2 + k * H, h, H) + s->b2[k])));
         if (p < lo)
             lo = p;
         PyObject *v = PyFloat_FromDouble(lo);
@@ -390,9 +395,7 @@ static PyObject *tiernet_set_vocab(TierNetObject *s, PyObject *args)
         off[i + 1] = (uint32_t)at;
     }
     Py_DECREF(seq);
-    PyMem_Free(s->vtext);
-    PyMem_Free(s->voff);
-    PyMem_Free(s->vslot);
+    vocab_clear(s);
     s->vtext = text;
     s->voff = off;
     s->vslot = slot;
