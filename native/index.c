@@ -35,6 +35,7 @@
 #include <Python.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <assert.h>
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
@@ -404,8 +405,6 @@ static int parse_hash_args(PyObject *bs_obj, PyObject *seed_obj, Py_ssize_t *bs,
     return 0;
 }
 
-
-
 static int parse_replica_id(PyObject *obj, uint32_t *out)
 {
     if (PyBool_Check(obj) || !PyLong_Check(obj)) {
@@ -548,20 +547,6 @@ static inline void entry_free(IndexObject *ix, uint32_t i)
 
 /* ---- block table --------------------------------------------------------------------- */
 
-static inline uint32_t slot_find(IndexObject *ix, uint64_t h)
-{
-    const uint32_t tag = tag_of(h);
-    const uint32_t mask = (1u << ix->bits) - 1u;
-    uint32_t i = home_of(tag, ix->bits);
-    for (;;) {
-        Slot s = ix->slots[i];
-        if (s.head == 0)
-            return NIL;
-        if (s.tag == tag && E(ix, s.head - 1)->hash == h)
-            return i;
-        i = (i + 1) & mask;
-    }
-}
 
 static int table_resize(IndexObject *ix, uint32_t bits)
 {
@@ -589,10 +574,12 @@ static int table_resize(IndexObject *ix, uint32_t bits)
 }
 
 /* Place a new block whose only holder is entry `e` (the block must not be present). */
+/* The table keeps its load at or under one half. */
+static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 2 > ((uint64_t)1 << ix->bits); }
+
 static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
 {
-    size_t size = (size_t)1 << ix->bits;
-    if ((ix->n_used + 1) * 2 > size) {
+    if (table_full(ix)) {
         if (ix->bits >= MAX_BITS) {
             PyErr_SetString(PyExc_MemoryError, "prefix index block table is full");
             return -1;
@@ -615,7 +602,7 @@ static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
  * by a fresh probe when the table has to grow first. */
 static inline int slot_place(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t e, uint32_t at)
 {
-    if ((ix->n_used + 1) * 2 > ((uint64_t)1 << ix->bits))
+    if (table_full(ix))
         return slot_insert(ix, h, e);
     ix->slots[at].tag = tag;
     ix->slots[at].head = e + 1;
@@ -623,8 +610,8 @@ static inline int slot_place(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t
     return 0;
 }
 
-/* Backward-shift deletion: keeps every probe sequence unbroken without tombstones. */
-/* slot_find that also reports, when h is absent, the empty slot its probe stopped at. */
+/* The slot holding block h (its tag given), or NIL; when h is absent, *empty is the empty slot
+ * the probe stopped at (the first one from h's home). */
 static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t *empty)
 {
     const uint32_t mask = (1u << ix->bits) - 1u;
@@ -641,7 +628,14 @@ static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag, uin
     }
 }
 
-/* Backward-shift deletion; returns the slot left empty (the only one it empties). */
+static inline uint32_t slot_find(IndexObject *ix, uint64_t h)
+{
+    uint32_t empty;
+    return slot_probe(ix, h, tag_of(h), &empty);
+}
+
+/* Backward-shift deletion (no tombstones: every probe sequence stays unbroken); returns the
+ * slot left empty, the only one it empties. */
 static uint32_t slot_delete(IndexObject *ix, uint32_t i)
 {
     const uint32_t mask = (1u << ix->bits) - 1u;
@@ -749,22 +743,36 @@ static inline void lru_touch(IndexObject *ix, Replica *r, uint32_t e)
 }
 
 /* Drop entry e of replica slot `rep` from every structure. */
-static void entry_drop(IndexObject *ix, uint32_t rep, uint32_t e)
+/* The last match's marks are what insert() of that chain may take from it (the request path:
+ * lookup, then insert): valid while the match is the index's last change. A match or an insert
+ * starts by forgetting them, and so does every entry leaving the index. */
+static inline void memo_forget(IndexObject *ix)
+{
+    Py_CLEAR(ix->memo_chain);
+    ix->memo_ns = 0;
+}
+
+/* Drop entry e of replica slot `rep` from every structure; returns the slot emptied (NIL when
+ * the block keeps other holders). */
+static uint32_t entry_drop(IndexObject *ix, uint32_t rep, uint32_t e)
 {
     Replica *r = &ix->reps[rep];
+    memo_forget(ix);
     lru_unlink(ix, r, e);
-    hold_unlink(ix, e);
+    const uint32_t hole = hold_unlink(ix, e);
     entry_free(ix, e);
     r->count--;
     ix->n_entries--;
+    return hole;
 }
 
-static void evict_one(IndexObject *ix, uint32_t rep)
+static uint32_t evict_one(IndexObject *ix, uint32_t rep)
 {
     Replica *r = &ix->reps[rep];
-    entry_drop(ix, rep, r->lru_head);
+    const uint32_t hole = entry_drop(ix, rep, r->lru_head);
     r->evictions++;
     ix->evictions++;
+    return hole;
 }
 
 /* Move the run first..last (linked first -> ... -> last) to the MRU end. */
@@ -909,12 +917,6 @@ static inline void prefetch_holder(IndexObject *ix, uint64_t h)
         PREFETCH(E(ix, s.head - 1));
 }
 
-/* Any change to the index other than the match itself ends what insert() may take from it. */
-static inline void memo_forget(IndexObject *ix)
-{
-    Py_CLEAR(ix->memo_chain);
-    ix->memo_ns = 0;
-}
 
 /* match() as a walk one block at a time, so lookup() can interleave it with hashing. */
 typedef struct {
@@ -1034,8 +1036,9 @@ static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n, Py
 
 /* Hash the full blocks of `data` into a new Chain; with an index (lookup()), match them in the
  * same pass. The XXH64 chain is serial (each block seeds the next) and leaves most of the core
- * idle, so the walk runs MATCH_LAG blocks behind the hashing, in its shadow: block k's home slot is prefetched when its hash is known, its first
- * holder entry MATCH_LAG - MATCH_AHEAD blocks later, and it is matched MATCH_LAG blocks later. */
+ * idle, so the walk runs MATCH_LAG blocks behind the hashing, in its shadow: block k's home
+ * slot is prefetched when its hash is known, its first holder entry MATCH_LAG - MATCH_AHEAD
+ * blocks later, and it is matched MATCH_LAG blocks later. */
 static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj, MatchWalk *w,
                                int *go)
 {
@@ -1123,7 +1126,6 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
             return 1;
         }
     }
-    uint32_t e;
     if (r->count >= r->capacity) {
         /* the victims are the LRU head onwards: keep a cursor EVICT_AHEAD victims ahead of the
          * head and prefetch each victim's slot as the cursor passes it */
@@ -1141,26 +1143,13 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
             v = en->lru_next;
         }
         *ahead = v == NIL ? NIL - 1u : v;
-        /* evict the LRU head (evict_one, inlined) and reuse its entry for the new block */
-        e = r->lru_head;
-        const uint32_t next = E(ix, e)->lru_next;
-        r->lru_head = next;
-        if (next != NIL)
-            E(ix, next)->lru_prev = NIL;
-        else
-            r->lru_tail = NIL;
-        hole = hold_unlink(ix, e);
-        r->count--;
-        ix->n_entries--;
-        r->evictions++;
-        ix->evictions++;
+        hole = evict_one(ix, rep);
         if (slot != NIL)
             slot = slot_find(ix, hk); /* the deletion may have shifted it */
-    } else {
-        e = entry_alloc(ix);
-        if (e == NIL)
-            return -1;
     }
+    const uint32_t e = entry_alloc(ix); /* after an eviction: the victim's entry, off the free list */
+    if (e == NIL)
+        return -1;
     Entry *en = E(ix, e);
     en->hash = hk;
     en->rep = rep;
@@ -1237,11 +1226,12 @@ static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssiz
         ix->run_cap = (size_t)d;
     }
     uint32_t *run = ix->run;
-    Py_ssize_t got = 0;
+    Py_ssize_t got = 0; /* the match pushed one entry of rep per block 0..d-1, in block order */
     for (size_t j = 0; j < memo_ns && got < d; j++)
         if (ix->scratch[j].rep == rep)
             run[got++] = ix->scratch[j].e;
-    int whole = got == d;
+    assert(got == d);
+    int whole = 1;
     for (Py_ssize_t k = d - 1; whole && k >= 0; k--) {
         const Entry *en = E(ix, run[k]);
         if (en->rep != rep || en->hash != h[k] || (k > 0 && en->lru_next != run[k - 1]))
@@ -1252,8 +1242,8 @@ static int insert_impl(IndexObject *ix, uint32_t rep, const uint64_t *h, Py_ssiz
         return 0;
     }
     for (Py_ssize_t k = d - 1; k >= 0; k--) {
-        const Entry *en = k < got ? E(ix, run[k]) : NULL;
-        if (en && en->rep == rep && en->hash == h[k])
+        const Entry *en = E(ix, run[k]);
+        if (en->rep == rep && en->hash == h[k])
             lru_touch(ix, r, run[k]);
         else if (insert_one(ix, rep, h, k, &ahead) < 0)
             return -1;
@@ -1356,7 +1346,6 @@ static PyObject *index_insert(IndexObject *self, PyObject *args)
 static PyObject *index_remove_blocks(IndexObject *self, PyObject *args)
 {
     CHECK_INIT(self, NULL);
-    memo_forget(self);
     PyObject *rep_obj, *hashes;
     if (!PyArg_ParseTuple(args, "OO:remove_blocks", &rep_obj, &hashes))
         return NULL;
@@ -1386,7 +1375,6 @@ static PyObject *index_remove_blocks(IndexObject *self, PyObject *args)
 static PyObject *index_clear_replica(IndexObject *self, PyObject *rep_obj)
 {
     CHECK_INIT(self, NULL);
-    memo_forget(self);
     uint32_t rep;
     if (rep_find(self, rep_obj, &rep) < 0)
         return NULL;
@@ -1400,7 +1388,6 @@ static PyObject *index_clear_replica(IndexObject *self, PyObject *rep_obj)
 static PyObject *index_remove_replica(IndexObject *self, PyObject *rep_obj)
 {
     CHECK_INIT(self, NULL);
-    memo_forget(self);
     uint32_t rep;
     if (rep_find(self, rep_obj, &rep) < 0)
         return NULL;
@@ -1420,7 +1407,6 @@ static PyObject *index_remove_replica(IndexObject *self, PyObject *rep_obj)
 static PyObject *index_set_capacity(IndexObject *self, PyObject *args)
 {
     CHECK_INIT(self, NULL);
-    memo_forget(self);
     PyObject *rep_obj, *cap_obj;
     if (!PyArg_ParseTuple(args, "OO:set_capacity", &rep_obj, &cap_obj))
         return NULL;

@@ -363,3 +363,35 @@ def test_native_equals_reference_on_a_long_random_workload(seed):
     assert {k: v for k, v in py.stats().items() if k not in ("bytes", "implementation")} == {
         k: v for k, v in c.stats().items() if k not in ("bytes", "implementation")
     }
+
+
+@pytest.mark.skipif(not HAVE_C, reason="C extension not built")
+@pytest.mark.parametrize("between", ["remove_blocks", "clear_replica", "remove_replica", "shrink", "evict_by_insert"])
+def test_insert_after_match_is_exact_when_the_matched_entries_changed_in_between(between):
+    """insert(r, chain) right after match(chain) reuses the match (native); anything that drops
+    the matched entries in between must make it fall back, and the result equal the reference."""
+    py, c = index.PrefixIndexPy(12), index.PrefixIndexC(12)
+    chain = index.Chain(chain_of(1, 2, 3, 4, 5, 6))
+    other = index.Chain(chain_of(9, 8, 7, 6, 5, 4, 3, 2))
+    for ix in (py, c):
+        ix.insert(0, chain)
+        ix.insert(1, chain)
+        ix.insert(0, chain_of(7, 7))
+    for ix in (py, c):
+        assert ix.match(chain) == {0: 6, 1: 6}
+        if between == "remove_blocks":
+            ix.remove_blocks(0, chain[2:4])
+        elif between == "clear_replica":
+            ix.clear_replica(0)
+        elif between == "remove_replica":
+            ix.remove_replica(0)
+        elif between == "shrink":
+            ix.set_capacity(0, 3)
+        else:
+            ix.insert(0, other)  # evicts most of the matched run
+        ix.insert(0, chain)  # the matched Chain itself: the native index's memo applies
+    for r in (0, 1):
+        assert py.blocks(r) == c.blocks(r)
+    sp, sc = py.stats(), c.stats()
+    for key in ("entries", "unique_blocks", "evictions", "per_replica"):
+        assert sp[key] == sc[key], key
