@@ -132,14 +132,22 @@ async def emulator_health(urls: list[str]) -> dict:
     return {"emulator_late_step_share": round(late / steps, 4) if steps else None, "emulator_rebases": int(rebases)}
 
 
-async def prediction_error(base: str) -> dict:
-    """prefixlb's predicted cached tokens against what the replicas reported (its own counters)."""
+async def _get_text(url: str, headers: dict | None = None) -> str | None:
+    """The body of a GET (5 s at most), or None if it failed or was not a 200."""
     import aiohttp
 
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, s.get(base + "/metrics") as r:
-            text = await r.text()
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
+                s.get(url, headers=headers) as r:
+            return await r.text() if r.status == 200 else None
     except (aiohttp.ClientError, asyncio.TimeoutError):
+        return None
+
+
+async def prediction_error(base: str) -> dict:
+    """prefixlb's predicted cached tokens against what the replicas reported (its own counters)."""
+    text = await _get_text(base + "/metrics")
+    if text is None:
         return {}
     pred = act = 0.0
     for line in text.splitlines():
@@ -153,17 +161,11 @@ async def prediction_error(base: str) -> dict:
 
 async def balancer_state(base: str) -> dict:
     """What prefixlb learned by the end of the run (``GET /admin/replicas``): per replica its
-    prefill rate, fixed TTFT, capacity and index blocks -- to read a result against the
-    simulator's."""
-    import aiohttp
-
+    prefill rate, KV capacity and last scrape -- to read a result against the simulator's."""
+    text = await _get_text(base + "/admin/replicas", {"authorization": f"Bearer {ADMIN_TOKEN}"})
     try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as s, \
-                s.get(base + "/admin/replicas", headers={"authorization": f"Bearer {ADMIN_TOKEN}"}) as r:
-            if r.status != 200:
-                return {}
-            return {"balancer_state": await r.json()}
-    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return {"balancer_state": json.loads(text)} if text else {}
+    except ValueError:
         return {}
 
 

@@ -10,8 +10,8 @@ costs it ~20% throughput).
 from __future__ import annotations
 
 import os
-import secrets
 import re
+import secrets
 import shutil
 import socket
 import subprocess

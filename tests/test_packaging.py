@@ -27,6 +27,8 @@ def run(args, env=None, cwd=None, timeout=120):
 def test_native_is_active_when_built():
     if os.environ.get("PREFIXLB_REQUIRE_NATIVE") == "1":
         assert index.NATIVE, "CI requires the C extension to be built and active"
+        # the tier classifier's extension too: without it its C == Python tests would skip
+        from prefixlb.routing.classifier import _tiernet  # noqa: F401
     if not hasattr(index, "PrefixIndexC"):
         pytest.skip("C extension not built here")
     assert index.NATIVE == (os.environ.get("PREFIXLB_NATIVE", "1") != "0")

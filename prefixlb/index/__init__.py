@@ -19,6 +19,7 @@ from ._reference import PrefixIndexPy, block_hashes_py, chain_py
 __all__ = [
     "IMPLEMENTATION",
     "NATIVE",
+    "NATIVE_FORCED_OFF",
     "PrefixIndex",
     "PrefixIndexPy",
     "block_hashes",
@@ -35,9 +36,10 @@ except ImportError as _exc:  # not built: no compiler at install time, or PREFIX
 else:
     _import_error = None
 
-_forced_off = os.environ.get("PREFIXLB_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
+#: PREFIXLB_NATIVE=0 forces the pure-Python (and numpy) references for every C extension
+NATIVE_FORCED_OFF = os.environ.get("PREFIXLB_NATIVE", "").strip().lower() in ("0", "false", "no", "off")
 
-if _native is not None and not _forced_off:
+if _native is not None and not NATIVE_FORCED_OFF:
     from ._native import Chain, PrefixIndexC, block_hashes, chain
 
     PrefixIndex = PrefixIndexC
@@ -54,7 +56,7 @@ else:
         from ._native import Chain, PrefixIndexC  # still importable for comparisons
 
         __all__ += ["Chain", "PrefixIndexC"]
-    if _forced_off:
+    if NATIVE_FORCED_OFF:
         _log.info("prefixlb.index: PREFIXLB_NATIVE=0, using the pure-Python reference")
     else:
         _log.warning(

@@ -44,6 +44,10 @@ def test_quick_json_contract_and_sweep(tmp_path: Path) -> None:
         assert t["ttft_p50_ms"] >= 0.5 * data["ttft_floor_ms"]["p50"]
     by = {t["name"]: t for t in data["targets"]}
     assert by["prefixlb"]["hit_rate"] > by["round_robin"]["hit_rate"]
+    # what the balancer cost and learned: CPU per request, and prefixlb's per-replica state
+    assert all(t["balancer_cpu_ms_per_request"] > 0 for t in data["targets"])
+    state = by["prefixlb"]["balancer_state"]
+    assert len(state) == 4 and all(r["prefill_tokens_per_s"] > 0 for r in state)
     loads = sorted({row["load"] for row in data["sweep"]})
     assert loads == [0.3, 0.6]
     assert len(data["sweep"]) == 2 * len(names)

@@ -26,11 +26,12 @@ Inference, for one prompt:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from prefixlb.index import NATIVE_FORCED_OFF
 
 from .features import FEATURE_NAMES, Featurizer
 from .tokenize import WordPiece
@@ -39,7 +40,7 @@ try:  # the forward pass in C (native/tiernet.c); the numpy one below is its ref
     from ._tiernet import TierNet as _TierNet
 except ImportError:
     _TierNet = None
-if os.environ.get("PREFIXLB_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+if NATIVE_FORCED_OFF:
     _TierNet = None
 
 __all__ = ["FORMAT", "ModelError", "TierClassifier", "save_model"]
