@@ -38,9 +38,10 @@ confidence of each answer. Two disjoint prompt sets from the same generator:
 
 Target (issue 6): >= 70% cost cut against all-large at >= 95% of all-large quality.
 
-``--overhead``: the balancer's added latency with tier routing on (rules + the trained
-classifier + decision log, ``model: auto``) against the same balancer without a tier_routing
-section, using bench_overhead.py's fake replica and client (``--rounds``).
+``--overhead``: the balancer's added latency and throughput with tier routing on (the rules; the
+rules and the trained classifier; both with the decision log; ``model: auto``) against the same
+balancer without a tier_routing section and sglang-router, using bench_overhead.py's fake
+replica and client (``--rounds``).
 
 Usage:
   python benchmarks/bench_tiers.py [--train 1500] [--eval 2000] [--quick] [--json OUT] [--markdown OUT]
@@ -502,7 +503,7 @@ def bootstrap(base: dict, other: dict, seed: int, rounds: int = 2000) -> dict:
 def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
     import bench_overhead as bo
     import bench_proxy_core as core
-    from targets import Target, start_target
+    from targets import Target
 
     auto = bo.BODY.replace(b'"model":"llama-3.1-8b"', b'"model":"auto"')
     assert auto != bo.BODY
@@ -540,10 +541,11 @@ def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
             p.write_text(yaml.safe_dump(doc))
             targets[name] = Target(name, [sys.executable, "-m", "prefixlb", "serve", "--config", str(p),
                                           "--log-level", "warning"], None, probe=probe)
-        try:  # the throughput half of the overhead target: at least sglang-router's, same run
-            targets["sglang-router"] = start_target("sglang-router", [rurl], probe=probe)
-        except RuntimeError as exc:
-            print(f"sglang-router skipped: {exc}", file=sys.stderr)
+        # the throughput half of the overhead target: at least sglang-router's, in the same run
+        peer, skipped = bo.start_targets(rurl, ["sglang-router"])
+        targets.update(peer)
+        for name, why in skipped.items():
+            print(f"{name} skipped: {why}", file=sys.stderr)
         urls = {"direct": rurl, **{n: t.url for n, t in targets.items()}}
         names = list(urls)
         res = []
