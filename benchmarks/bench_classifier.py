@@ -71,7 +71,7 @@ def to_markdown(res: dict) -> str:
         "## bench_classifier: tier classifier on MMLU + GSM8K routing outcomes (held-out split)",
         "",
         f"`{res['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores, Python {m['python']}, "
-        f"torch {res.get('torch', '?')} (training only; inference is numpy)",
+        f"torch {res.get('torch', '?')} (training only; inference: {res.get('inference', 'numpy')})",
         "",
         f"Data: {res['data']['rows']} prompts; trained on {res['data']['train']}, thresholds calibrated on "
         f"{res['data']['validation']}, scored on {res['data']['heldout']} held out (seed {res['seed']}). "
@@ -134,6 +134,8 @@ def main(argv=None) -> int:
     else:
         model_dir = args.model_dir
     res = run(args.data, model_dir, args.seed)
+    from prefixlb.routing.classifier.model import TierClassifier
+
     cfg = json.loads((model_dir / "config.json").read_text())
     curve_result = res.pop("_curve_result")
     h = res["heldout"]
@@ -142,6 +144,7 @@ def main(argv=None) -> int:
         "command": " ".join(["python", "benchmarks/bench_classifier.py", *map(shlex.quote, argv or sys.argv[1:])]),
         "machine": machine(),
         "torch": torch.__version__,
+        "inference": "C (native/tiernet.c)" if TierClassifier.load(model_dir).native else "numpy",
         "seed": args.seed,
         "data": {"path": str(args.data), **{k: cfg["data"][k] for k in ("rows", "train", "validation", "heldout")}},
         "config": cfg["train"],
