@@ -35,7 +35,7 @@ typedef struct {
     char *vtext;        /* the tokens, back to back */
     uint32_t *voff;     /* token i is vtext[voff[i] .. voff[i + 1]) */
     int32_t *vslot;     /* table: token index + 1, 0 = empty */
-    size_t vbits, nvocab;
+    size_t vbits;
     long unk;
     int32_t *ids;       /* featurize scratch */
     size_t ids_cap;
@@ -87,7 +87,6 @@ static void vocab_clear(TierNetObject *s)
     s->vtext = NULL;
     s->voff = NULL;
     s->vslot = NULL;
-    s->nvocab = 0;
 }
 
 static void tiernet_free_arrays(TierNetObject *s)
@@ -400,7 +399,6 @@ static PyObject *tiernet_set_vocab(TierNetObject *s, PyObject *args)
     s->voff = off;
     s->vslot = slot;
     s->vbits = bits;
-    s->nvocab = (size_t)n;
     s->unk = unk;
     Py_RETURN_NONE;
 }
@@ -801,12 +799,6 @@ static PyObject *tiernet_probs_text(TierNetObject *s, PyObject *const *args, Py_
     return text_call(s, args, nargs, 1);
 }
 
-static PyObject *tiernet_get_shape(TierNetObject *s, void *closure)
-{
-    return Py_BuildValue("{snsnsnsnsn}", "vocab", s->V, "groups", s->G, "outputs", s->K1, "inputs", s->D,
-                         "hidden", s->H);
-}
-
 static PyMethodDef tiernet_methods[] = {
     {"probs", (PyCFunction)(void (*)(void))tiernet_probs, METH_FASTCALL,
      "probs(ids, features) -> tuple: P(a tier above k is needed), non-increasing in k."},
@@ -819,11 +811,6 @@ static PyMethodDef tiernet_methods[] = {
     {NULL, NULL, 0, NULL},
 };
 
-static PyGetSetDef tiernet_getset[] = {
-    {"shape", (getter)tiernet_get_shape, NULL, "sizes of the network", NULL},
-    {NULL, NULL, NULL, NULL, NULL},
-};
-
 static PyTypeObject TierNetType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "prefixlb.routing.classifier._tiernet.TierNet",
     .tp_basicsize = sizeof(TierNetObject),
@@ -833,7 +820,6 @@ static PyTypeObject TierNetType = {
     .tp_init = (initproc)tiernet_init,
     .tp_dealloc = (destructor)tiernet_dealloc,
     .tp_methods = tiernet_methods,
-    .tp_getset = tiernet_getset,
 };
 
 static struct PyModuleDef tiernet_module = {
