@@ -9,11 +9,14 @@
  *                  the hash. One array grown by an eighth at a time, with a free list, so
  *                  memory is bounded by the live entries (plus the growth slack); indices stay
  *                  valid when it moves, and no Entry pointer is held across an allocation.
- *   Slot   (8 B)   open-addressed table keyed by block hash -> head of its holder list. Linear
- *                  probing at load <= 0.5 with backward-shift deletion (no tombstones). The
- *                  slot keeps a 32-bit tag of the mixed hash: the probe compares tags first,
- *                  and the tag alone gives the home position, so deletion and resize never
- *                  touch entries.
+ *   Bucket (64 B)  the block table, keyed by block hash -> head of its holder list: buckets
+ *                  of 7 lanes, one cache line each, at load <= 3/5. Each lane keeps a 32-bit
+ *                  tag of the mixed hash; a probe compares the 7 tags at once and reads an
+ *                  entry only on a tag match; the tag alone gives the home bucket, so deletion
+ *                  and resize never touch entries. A block lives in the first bucket from its
+ *                  home with a free lane; a per-bucket count of the blocks that passed it ends
+ *                  probes and lets deletion just clear the lane (slots never move). A slot id is
+ *                  bucket << 3 | lane.
  *   Replica        LRU list head/tail, count, capacity, eviction counter, the external id,
  *                  and per-match scratch (generation, depth, the matched run's ends).
  *
@@ -21,7 +24,7 @@
  * about to need, and the request path does its table work where the CPU is otherwise idle:
  * lookup() hashes the prompt (a serial XXH64 chain, latency-bound) and runs the match walk
  * MATCH_LAG blocks behind it; insert() keeps a cursor EVICT_AHEAD victims ahead of the LRU head
- * and prefetches their slots. Measured alternatives are recorded in benchmarks/README.md.
+ * and prefetches their buckets. Measured alternatives are recorded in benchmarks/README.md.
  *
  * match() walks the chain from block 0 and, at block k, advances exactly the replicas that held
  * blocks 0..k-1 and hold k (holder-list walk with a generation mark): O(sum of holders over the
@@ -39,14 +42,18 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "xxh64.h"
 
 #define NIL UINT32_MAX
 #define GROW_MIN 4096u /* entries added to the pool at least per growth */
-#define MAX_ENTRIES (UINT32_MAX - 2u) /* idx + 1 must fit a slot's head and differ from NIL */
-#define MIN_BITS 8u
-#define MAX_BITS 31u
+#define MAX_ENTRIES (UINT32_MAX - 2u) /* below NIL and NIL - 1 (the eviction cursor's "ran out") */
+#define LANES 7u              /* blocks per bucket (one cache line) */
+#define MIN_BUCKETS 32u
+#define MAX_BUCKETS (1u << 28) /* a slot id is bucket << 3 | lane */
 #define MIX64 0x9E3779B97F4A7C15ULL
 #define MAX_REPLICA_ID 0xFFFFFFFFULL
 #ifndef MATCH_LAG
@@ -448,10 +455,14 @@ typedef struct {
     uint32_t rep;                  /* internal replica slot; NIL while the entry is free */
 } Entry;
 
+/* A bucket of the block table: one cache line, LANES blocks. */
 typedef struct {
-    uint32_t tag;  /* high 32 bits of hash * MIX64: home position and probe filter */
-    uint32_t head; /* first holder entry + 1; 0 = empty slot */
-} Slot;
+    uint32_t tag[LANES];  /* the block's tag (never 0); 0 = empty lane */
+    uint32_t ovf;         /* blocks living past this bucket whose home is this bucket or before */
+    uint32_t head[LANES]; /* the block's first holder entry */
+    uint32_t spare;
+} Bucket;
+_Static_assert(sizeof(Bucket) == 64, "a bucket is one cache line");
 
 typedef struct {
     PyObject *id;      /* exact int; NULL when this slot is free */
@@ -480,8 +491,9 @@ typedef struct IndexObject_ {
     uint32_t free_head;
     uint64_t n_entries;
     /* block table */
-    Slot *slots;
-    uint32_t bits;
+    Bucket *bk;   /* 64-byte aligned, inside bk_mem */
+    void *bk_mem;
+    uint32_t nb;  /* buckets */
     uint64_t n_used;
     /* replicas */
     Replica *reps;
@@ -504,8 +516,35 @@ typedef struct IndexObject_ {
 
 static inline Entry *E(IndexObject *ix, uint32_t i) { return &ix->entries[i]; }
 
-static inline uint32_t tag_of(uint64_t h) { return (uint32_t)((h * MIX64) >> 32); }
-static inline uint32_t home_of(uint32_t tag, uint32_t bits) { return tag >> (32u - bits); }
+/* A block's tag: the high half of its mixed hash, 0 reserved for an empty lane. The tag alone
+ * gives the home bucket (multiply-shift onto any bucket count), so resize and deletion never
+ * read an entry, and blocks sharing a bucket differ in their low tag bits, the probe's filter. */
+static inline uint32_t tag_of(uint64_t h)
+{
+    const uint32_t t = (uint32_t)((h * MIX64) >> 32);
+    return t ? t : 1u;
+}
+static inline uint32_t home_of(uint32_t tag, uint32_t nb) { return (uint32_t)(((uint64_t)tag * nb) >> 32); }
+static inline uint32_t next_bucket(uint32_t b, uint32_t nb) { return b + 1u == nb ? 0u : b + 1u; }
+static inline uint32_t *slot_head(IndexObject *ix, uint32_t s) { return &ix->bk[s >> 3].head[s & 7u]; }
+
+/* Bit l set for each lane l of the bucket whose tag is t (t = 0: the empty lanes). */
+static inline uint32_t lanes_eq(const Bucket *b, uint32_t t)
+{
+#if defined(__SSE2__)
+    const __m128i x = _mm_set1_epi32((int)t);
+    const __m128i lo = _mm_cmpeq_epi32(_mm_load_si128((const __m128i *)b->tag), x);
+    const __m128i hi = _mm_cmpeq_epi32(_mm_load_si128((const __m128i *)(b->tag + 4)), x);
+    const uint32_t m = (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(lo)) |
+                       ((uint32_t)_mm_movemask_ps(_mm_castsi128_ps(hi)) << 4);
+    return m & ((1u << LANES) - 1u);
+#else
+    uint32_t m = 0;
+    for (uint32_t l = 0; l < LANES; l++)
+        m |= (uint32_t)(b->tag[l] == t) << l;
+    return m;
+#endif
+}
 
 /* ---- entry pool ---------------------------------------------------------------------- */
 
@@ -546,162 +585,155 @@ static inline void entry_free(IndexObject *ix, uint32_t i)
 }
 
 /* ---- block table --------------------------------------------------------------------- */
+/* Buckets of LANES blocks, one cache line each. A block lives in the first bucket from its home
+ * that had an empty lane when it arrived; each full bucket it passed counts it in `ovf`, so a
+ * probe stops at the first bucket with ovf == 0 and deletion just clears the lane (and takes the
+ * block off the counts of the buckets it passed): slots never move until a resize. A probe is
+ * nearly always one line, its lanes compared at once: no probe-length branches to mispredict. */
 
-
-static int table_resize(IndexObject *ix, uint32_t bits)
+static Bucket *buckets_alloc(uint32_t nb, void **mem)
 {
-    size_t size = (size_t)1 << bits;
-    Slot *ns = PyMem_Calloc(size, sizeof(Slot));
-    if (!ns) {
+    void *m = PyMem_Calloc((size_t)nb * sizeof(Bucket) + 63u, 1);
+    if (!m) {
         PyErr_NoMemory();
+        return NULL;
+    }
+    *mem = m;
+    return (Bucket *)(((uintptr_t)m + 63u) & ~(uintptr_t)63u);
+}
+
+/* Put a block in the first bucket from its home with an empty lane (the table has one);
+ * returns its slot. */
+static uint32_t bucket_put(Bucket *bk, uint32_t nb, uint32_t tag, uint32_t head)
+{
+    uint32_t b = home_of(tag, nb);
+    for (;;) {
+        const uint32_t free = lanes_eq(&bk[b], 0);
+        if (LIKELY(free)) {
+            const uint32_t l = (uint32_t)__builtin_ctz(free);
+            bk[b].tag[l] = tag;
+            bk[b].head[l] = head;
+            return b << 3 | l;
+        }
+        bk[b].ovf++;
+        b = next_bucket(b, nb);
+    }
+}
+
+static int table_resize(IndexObject *ix, uint32_t nb)
+{
+    void *mem;
+    Bucket *nbk = buckets_alloc(nb, &mem);
+    if (!nbk)
         return -1;
-    }
-    const uint32_t mask = (uint32_t)size - 1u;
-    size_t old = (size_t)1 << ix->bits;
-    for (size_t j = 0; j < old; j++) {
-        Slot s = ix->slots[j];
-        if (!s.head)
-            continue;
-        uint32_t i = home_of(s.tag, bits);
-        while (ns[i].head)
-            i = (i + 1) & mask;
-        ns[i] = s;
-    }
-    PyMem_Free(ix->slots);
-    ix->slots = ns;
-    ix->bits = bits;
+    for (uint32_t b = 0; b < ix->nb; b++)
+        for (uint32_t l = 0; l < LANES; l++)
+            if (ix->bk[b].tag[l])
+                bucket_put(nbk, nb, ix->bk[b].tag[l], ix->bk[b].head[l]);
+    PyMem_Free(ix->bk_mem);
+    ix->bk = nbk;
+    ix->bk_mem = mem;
+    ix->nb = nb;
     return 0;
 }
 
-/* Place a new block whose only holder is entry `e` (the block must not be present). */
-/* The table keeps its load at or under one half. */
-static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 2 > ((uint64_t)1 << ix->bits); }
+/* The table keeps its load at or under 3/5 (a bucket then holds 4.2 blocks on average, and a
+ * block lives outside its home bucket a few times in a hundred); it grows by half, to a load
+ * of 2/5, so its size stays within 1.5x of what that needs. */
+static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 5 > (uint64_t)3 * LANES * ix->nb; }
 
-static int slot_insert(IndexObject *ix, uint64_t h, uint32_t e)
+/* Add block h (absent from the table) with entry e as its only holder. */
+static int slot_place(IndexObject *ix, uint32_t tag, uint32_t e)
 {
-    if (table_full(ix)) {
-        if (ix->bits >= MAX_BITS) {
+    if (UNLIKELY(table_full(ix))) {
+        if (ix->nb >= MAX_BUCKETS) {
             PyErr_SetString(PyExc_MemoryError, "prefix index block table is full");
             return -1;
         }
-        if (table_resize(ix, ix->bits + 1) < 0)
+        const uint32_t nb = ix->nb > MAX_BUCKETS / 3u * 2u ? MAX_BUCKETS : ix->nb + ix->nb / 2u;
+        if (table_resize(ix, nb) < 0)
             return -1;
     }
-    const uint32_t tag = tag_of(h);
-    const uint32_t mask = (1u << ix->bits) - 1u;
-    uint32_t i = home_of(tag, ix->bits);
-    while (ix->slots[i].head)
-        i = (i + 1) & mask;
-    ix->slots[i].tag = tag;
-    ix->slots[i].head = e + 1;
+    bucket_put(ix->bk, ix->nb, tag, e);
     ix->n_used++;
     return 0;
 }
 
-/* Place a new block at slot `at`, the first empty one from its home (known to the caller), or
- * by a fresh probe when the table has to grow first. */
-static inline int slot_place(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t e, uint32_t at)
+/* The slot holding block h (its tag given), or NIL. */
+static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag)
 {
-    if (table_full(ix))
-        return slot_insert(ix, h, e);
-    ix->slots[at].tag = tag;
-    ix->slots[at].head = e + 1;
-    ix->n_used++;
-    return 0;
-}
-
-/* The slot holding block h (its tag given), or NIL; when h is absent, *empty is the empty slot
- * the probe stopped at (the first one from h's home). */
-static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag, uint32_t *empty)
-{
-    const uint32_t mask = (1u << ix->bits) - 1u;
-    uint32_t i = home_of(tag, ix->bits);
+    const uint32_t nb = ix->nb;
+    uint32_t b = home_of(tag, nb);
     for (;;) {
-        Slot s = ix->slots[i];
-        if (s.head == 0) {
-            *empty = i;
+        const Bucket *B = &ix->bk[b];
+        for (uint32_t m = lanes_eq(B, tag); m; m &= m - 1u) {
+            const uint32_t l = (uint32_t)__builtin_ctz(m);
+            if (LIKELY(E(ix, B->head[l])->hash == h))
+                return b << 3 | l;
+        }
+        if (LIKELY(!B->ovf))
             return NIL;
-        }
-        if (s.tag == tag && E(ix, s.head - 1)->hash == h)
-            return i;
-        i = (i + 1) & mask;
+        b = next_bucket(b, nb);
     }
 }
 
-static inline uint32_t slot_find(IndexObject *ix, uint64_t h)
-{
-    uint32_t empty;
-    return slot_probe(ix, h, tag_of(h), &empty);
-}
+static inline uint32_t slot_find(IndexObject *ix, uint64_t h) { return slot_probe(ix, h, tag_of(h)); }
 
-/* Backward-shift deletion (no tombstones: every probe sequence stays unbroken); returns the
- * slot left empty, the only one it empties. */
-static uint32_t slot_delete(IndexObject *ix, uint32_t i)
+/* Empty slot s: clear its lane and take the block off the counts of the buckets it passed. */
+static void slot_delete(IndexObject *ix, uint32_t s)
 {
-    const uint32_t mask = (1u << ix->bits) - 1u;
-    uint32_t j = i;
-    for (;;) {
-        j = (j + 1) & mask;
-        Slot s = ix->slots[j];
-        if (!s.head)
-            break;
-        uint32_t k = home_of(s.tag, ix->bits);
-        /* s may move to the hole at i unless its home lies cyclically in (i, j] */
-        int stays = (i <= j) ? (i < k && k <= j) : (i < k || k <= j);
-        if (!stays) {
-            ix->slots[i] = s;
-            i = j;
-        }
-    }
-    ix->slots[i].head = 0;
-    ix->slots[i].tag = 0;
+    const uint32_t b = s >> 3, l = s & 7u;
+    for (uint32_t x = home_of(ix->bk[b].tag[l], ix->nb); x != b; x = next_bucket(x, ix->nb))
+        ix->bk[x].ovf--;
+    ix->bk[b].tag[l] = 0;
+    ix->bk[b].head[l] = 0;
     ix->n_used--;
-    return i;
 }
 
 static void table_maybe_shrink(IndexObject *ix)
 {
-    uint32_t bits = MIN_BITS;
-    while (bits < ix->bits && ix->n_used * 2 > ((uint64_t)1 << bits))
-        bits++;
-    if (bits + 1 < ix->bits) {
-        if (table_resize(ix, bits) < 0)
-            PyErr_Clear(); /* keeping the larger table is always correct */
-    }
+    /* under a load of 1/8: back to a load of about 1/3 */
+    if (ix->nb <= MIN_BUCKETS || ix->n_used * 8 >= (uint64_t)LANES * ix->nb)
+        return;
+    uint64_t nb = ix->n_used * 3 / LANES + 1;
+    if (nb < MIN_BUCKETS)
+        nb = MIN_BUCKETS;
+    if (table_resize(ix, (uint32_t)nb) < 0)
+        PyErr_Clear(); /* keeping the larger table is always correct */
 }
 
 /* ---- holder lists -------------------------------------------------------------------- */
 
 static inline void hold_push(IndexObject *ix, uint32_t slot, uint32_t e)
 {
-    uint32_t next = ix->slots[slot].head - 1; /* NIL-compatible: head 0 never happens here */
-    E(ix, e)->hold_next = next;
-    ix->slots[slot].head = e + 1;
+    uint32_t *head = slot_head(ix, slot);
+    E(ix, e)->hold_next = *head;
+    *head = e;
 }
 
-/* Take entry e out of its block's holder list; returns the slot emptied when e was the block's
- * last holder, else NIL. */
-static uint32_t hold_unlink(IndexObject *ix, uint32_t e)
+/* Take entry e out of its block's holder list (and the block out of the table with its last
+ * holder). */
+static void hold_unlink(IndexObject *ix, uint32_t e)
 {
     Entry *en = E(ix, e);
-    uint32_t slot = slot_find(ix, en->hash);
-    uint32_t head = ix->slots[slot].head - 1;
-    if (head == e) {
+    const uint32_t slot = slot_find(ix, en->hash);
+    uint32_t *head = slot_head(ix, slot);
+    if (*head == e) {
         if (en->hold_next == NIL)
-            return slot_delete(ix, slot);
-        ix->slots[slot].head = en->hold_next + 1;
-        return NIL;
+            slot_delete(ix, slot);
+        else
+            *head = en->hold_next;
+        return;
     }
-    Entry *p = E(ix, head);
+    Entry *p = E(ix, *head);
     while (p->hold_next != e)
         p = E(ix, p->hold_next);
     p->hold_next = en->hold_next;
-    return NIL;
 }
 
 static inline uint32_t hold_find(IndexObject *ix, uint32_t slot, uint32_t rep)
 {
-    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next)
+    for (uint32_t e = *slot_head(ix, slot); e != NIL; e = E(ix, e)->hold_next)
         if (E(ix, e)->rep == rep)
             return e;
     return NIL;
@@ -742,7 +774,6 @@ static inline void lru_touch(IndexObject *ix, Replica *r, uint32_t e)
     lru_append(ix, r, e);
 }
 
-/* Drop entry e of replica slot `rep` from every structure. */
 /* The last match's marks are what insert() of that chain may take from it (the request path:
  * lookup, then insert): valid while the match is the index's last change. A match or an insert
  * starts by forgetting them, and so does every entry leaving the index. */
@@ -752,27 +783,38 @@ static inline void memo_forget(IndexObject *ix)
     ix->memo_ns = 0;
 }
 
-/* Drop entry e of replica slot `rep` from every structure; returns the slot emptied (NIL when
- * the block keeps other holders). */
-static uint32_t entry_drop(IndexObject *ix, uint32_t rep, uint32_t e)
+/* Drop entry e of replica slot `rep` from every structure. */
+static void entry_drop(IndexObject *ix, uint32_t rep, uint32_t e)
 {
     Replica *r = &ix->reps[rep];
     memo_forget(ix);
     lru_unlink(ix, r, e);
-    const uint32_t hole = hold_unlink(ix, e);
+    hold_unlink(ix, e);
     entry_free(ix, e);
     r->count--;
     ix->n_entries--;
-    return hole;
 }
 
-static uint32_t evict_one(IndexObject *ix, uint32_t rep)
+/* Take replica slot `rep`'s LRU head out of its lists (and the table), counted as an eviction;
+ * returns the entry, not yet freed: insert reuses it for the block it adds. The caller has
+ * forgotten the memo. */
+static uint32_t evict_head(IndexObject *ix, uint32_t rep)
 {
     Replica *r = &ix->reps[rep];
-    const uint32_t hole = entry_drop(ix, rep, r->lru_head);
+    const uint32_t e = r->lru_head;
+    lru_unlink(ix, r, e);
+    hold_unlink(ix, e);
+    r->count--;
+    ix->n_entries--;
     r->evictions++;
     ix->evictions++;
-    return hole;
+    return e;
+}
+
+static void evict_one(IndexObject *ix, uint32_t rep)
+{
+    memo_forget(ix);
+    entry_free(ix, evict_head(ix, rep));
 }
 
 /* Move the run first..last (linked first -> ... -> last) to the MRU end. */
@@ -903,7 +945,7 @@ static int scratch_push(IndexObject *ix, size_t *ns, uint32_t e, uint32_t rep)
 /* Prefetch block h's home slot (where a probe for h starts). */
 static void prefetch_home(IndexObject *ix, uint64_t h)
 {
-    PREFETCH(&ix->slots[home_of(tag_of(h), ix->bits)]);
+    PREFETCH(&ix->bk[home_of(tag_of(h), ix->nb)]);
 }
 
 /* The home slots were prefetched while the chain was hashed; the block's first holder entry
@@ -912,9 +954,10 @@ static void prefetch_home(IndexObject *ix, uint64_t h)
 static inline void prefetch_holder(IndexObject *ix, uint64_t h)
 {
     const uint32_t tag = tag_of(h);
-    const Slot s = ix->slots[home_of(tag, ix->bits)];
-    if (s.head && s.tag == tag)
-        PREFETCH(E(ix, s.head - 1));
+    const Bucket *B = &ix->bk[home_of(tag, ix->nb)];
+    const uint32_t m = lanes_eq(B, tag);
+    if (m)
+        PREFETCH(E(ix, B->head[__builtin_ctz(m)]));
 }
 
 
@@ -946,7 +989,7 @@ static inline int match_step(IndexObject *ix, MatchWalk *w, uint64_t hk, Py_ssiz
         return 0;
     const uint32_t gen = w->gen;
     if (k == 0) {
-        for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
+        for (uint32_t e = *slot_head(ix, slot); e != NIL; e = E(ix, e)->hold_next) {
             const uint32_t rep = E(ix, e)->rep;
             Replica *r = &ix->reps[rep];
             r->gen = gen;
@@ -960,7 +1003,7 @@ static inline int match_step(IndexObject *ix, MatchWalk *w, uint64_t hk, Py_ssiz
         return 1;
     }
     uint32_t alive = 0;
-    for (uint32_t e = ix->slots[slot].head - 1; e != NIL; e = E(ix, e)->hold_next) {
+    for (uint32_t e = *slot_head(ix, slot); e != NIL; e = E(ix, e)->hold_next) {
         const uint32_t rep = E(ix, e)->rep;
         Replica *r = &ix->reps[rep];
         if (r->gen == gen && r->depth == (uint32_t)k) {
@@ -1117,39 +1160,42 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
     const uint64_t hk = h[k];
     Replica *r = &ix->reps[rep];
     const uint32_t tag = tag_of(hk);
-    uint32_t empty = NIL, hole = NIL;
-    uint32_t slot = slot_probe(ix, hk, tag, &empty);
+    const uint32_t slot = slot_probe(ix, hk, tag);
     if (slot != NIL) {
-        uint32_t e = hold_find(ix, slot, rep);
-        if (e != NIL) {
-            lru_touch(ix, r, e);
+        const uint32_t held = hold_find(ix, slot, rep);
+        if (held != NIL) {
+            lru_touch(ix, r, held);
             return 1;
         }
     }
+    uint32_t e;
     if (r->count >= r->capacity) {
         /* the victims are the LRU head onwards: keep a cursor EVICT_AHEAD victims ahead of the
-         * head and prefetch each victim's slot as the cursor passes it */
+         * head and prefetch each victim's bucket as the cursor passes it */
         uint32_t v = *ahead;
         if (v == NIL) {
             v = r->lru_head;
             for (int i = 0; i < EVICT_AHEAD && v != NIL; i++) {
                 const Entry *en = E(ix, v);
-                PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
+                PREFETCH(&ix->bk[home_of(tag_of(en->hash), ix->nb)]);
                 v = en->lru_next;
             }
         } else if (v != NIL - 1u) {
             const Entry *en = E(ix, v);
-            PREFETCH(&ix->slots[home_of(tag_of(en->hash), ix->bits)]);
+            PREFETCH(&ix->bk[home_of(tag_of(en->hash), ix->nb)]);
             v = en->lru_next;
+            if (v != NIL)
+                PREFETCH(E(ix, v));
         }
         *ahead = v == NIL ? NIL - 1u : v;
-        hole = evict_one(ix, rep);
-        if (slot != NIL)
-            slot = slot_find(ix, hk); /* the deletion may have shifted it */
+        /* the victim's entry becomes the new block's (insert_impl has forgotten the memo). The
+         * victim is not hk (rep does not hold hk), and a deletion moves no slot: `slot` stays. */
+        e = evict_head(ix, rep);
+    } else {
+        e = entry_alloc(ix);
+        if (e == NIL)
+            return -1;
     }
-    const uint32_t e = entry_alloc(ix); /* after an eviction: the victim's entry, off the free list */
-    if (e == NIL)
-        return -1;
     Entry *en = E(ix, e);
     en->hash = hk;
     en->rep = rep;
@@ -1157,11 +1203,7 @@ static inline int insert_one(IndexObject *ix, uint32_t rep, const uint64_t *h, P
         hold_push(ix, slot, e);
     } else {
         en->hold_next = NIL;
-        /* the block's slot is the first empty one from its home: the probe stopped at `empty`,
-         * and the eviction emptied at most one slot, `hole` (a deletion never fills one) */
-        const uint32_t mask = (1u << ix->bits) - 1u, home = home_of(tag, ix->bits);
-        const uint32_t at = hole != NIL && ((hole - home) & mask) < ((empty - home) & mask) ? hole : empty;
-        if (slot_place(ix, hk, tag, e, at) < 0) {
+        if (slot_place(ix, tag, e) < 0) {
             entry_free(ix, e);
             return -1;
         }
@@ -1271,12 +1313,10 @@ static int index_init(IndexObject *self, PyObject *args, PyObject *kwds)
     self->idmap = PyDict_New();
     if (!self->idmap)
         return -1;
-    self->slots = PyMem_Calloc((size_t)1 << MIN_BITS, sizeof(Slot));
-    if (!self->slots) {
-        PyErr_NoMemory();
+    self->bk = buckets_alloc(MIN_BUCKETS, &self->bk_mem);
+    if (!self->bk)
         return -1;
-    }
-    self->bits = MIN_BITS;
+    self->nb = MIN_BUCKETS;
     self->free_head = NIL;
     self->free_rep = NIL;
     self->default_capacity = cap;
@@ -1288,7 +1328,7 @@ static void index_dealloc(IndexObject *self)
     for (uint32_t i = 0; i < self->n_reps; i++)
         Py_XDECREF(self->reps[i].id);
     PyMem_Free(self->entries);
-    PyMem_Free(self->slots);
+    PyMem_Free(self->bk_mem);
     PyMem_Free(self->reps);
     PyMem_Free(self->scratch);
     PyMem_Free(self->run);
@@ -1463,7 +1503,7 @@ static PyObject *index_capacity(IndexObject *self, PyObject *rep_obj)
 
 static size_t index_bytes(IndexObject *self)
 {
-    return sizeof(IndexObject) + (size_t)self->entries_cap * sizeof(Entry) + ((size_t)1 << self->bits) * sizeof(Slot) +
+    return sizeof(IndexObject) + (size_t)self->entries_cap * sizeof(Entry) + (size_t)self->nb * sizeof(Bucket) + 63u +
            (size_t)self->reps_cap * sizeof(Replica) + self->scratch_cap * sizeof(Matched) + self->run_cap * sizeof(uint32_t);
 }
 
@@ -1818,8 +1858,7 @@ PyMODINIT_FUNC PyInit__native(void)
         return NULL;
     if (PyModule_AddObjectRef(m, "Chain", (PyObject *)&ChainType) < 0 ||
         PyModule_AddObjectRef(m, "PrefixIndexC", (PyObject *)&IndexType) < 0 ||
-        PyModule_AddIntConstant(m, "ENTRY_BYTES", (long)sizeof(Entry)) < 0 ||
-        PyModule_AddIntConstant(m, "SLOT_BYTES", (long)sizeof(Slot)) < 0) {
+        PyModule_AddIntConstant(m, "ENTRY_BYTES", (long)sizeof(Entry)) < 0) {
         Py_DECREF(m);
         return NULL;
     }
