@@ -63,10 +63,10 @@
 #define MATCH_AHEAD 8
 #endif
 #ifndef INSERT_AHEAD
-#define INSERT_AHEAD 4
+#define INSERT_AHEAD 12
 #endif
 #ifndef EVICT_AHEAD
-#define EVICT_AHEAD 8
+#define EVICT_AHEAD 12
 #endif
 
 #if defined(__GNUC__)
@@ -637,10 +637,13 @@ static int table_resize(IndexObject *ix, uint32_t nb)
     return 0;
 }
 
-/* The table keeps its load at or under 3/5 (a bucket then holds 4.2 blocks on average, and a
- * block lives outside its home bucket a few times in a hundred); it grows by half, to a load
- * of 2/5, so its size stays within 1.5x of what that needs. */
-static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 5 > (uint64_t)3 * LANES * ix->nb; }
+/* The table keeps its load at or under 1/2 (a bucket then holds 3.5 blocks on average, and
+ * about one block in a hundred lives past its home bucket); it grows by half, to a load of 1/3,
+ * so its size stays within 1.5x of what that needs. A block that overflowed stays where it is
+ * until it leaves, so under churn the displaced share drifts up from a fresh table's: at a load
+ * of 3/5 that drift cost about 5% of bench_index's steady-state time, at 1/2 it stayed within
+ * the noise. */
+static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 2 > (uint64_t)LANES * ix->nb; }
 
 /* Add block h (absent from the table) with entry e as its only holder. */
 static int slot_place(IndexObject *ix, uint32_t tag, uint32_t e)
@@ -1080,8 +1083,10 @@ static PyObject *match_impl(IndexObject *ix, const uint64_t *h, Py_ssize_t n, Py
 /* Hash the full blocks of `data` into a new Chain; with an index (lookup()), match them in the
  * same pass. The XXH64 chain is serial (each block seeds the next) and leaves most of the core
  * idle, so the walk runs MATCH_LAG blocks behind the hashing, in its shadow: block k's home
- * slot is prefetched when its hash is known, its first holder entry MATCH_LAG - MATCH_AHEAD
- * blocks later, and it is matched MATCH_LAG blocks later. */
+ * bucket is prefetched when its hash is known, its first holder entry MATCH_LAG - MATCH_AHEAD
+ * blocks later, and it is matched MATCH_LAG blocks later. Once the match has ended nothing more
+ * is prefetched: the rest of the chain's buckets matter only to insert(), which fetches its
+ * own ahead of use (prefetched here, a long prompt's would leave the cache before it ran). */
 static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj, PyObject *seed_obj, MatchWalk *w,
                                int *go)
 {
@@ -1110,8 +1115,10 @@ static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj
         ch[i] = h;
         if (!ix)
             continue;
+        if (g <= 0)
+            continue; /* the match has ended: insert() prefetches the new blocks' buckets */
         prefetch_home(ix, h);
-        if (g > 0 && i >= MATCH_LAG) {
+        if (i >= MATCH_LAG) {
             const Py_ssize_t k = i - MATCH_LAG;
             prefetch_holder(ix, ch[k + MATCH_AHEAD]);
             g = match_step(ix, w, ch[k], k);
