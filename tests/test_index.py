@@ -329,6 +329,15 @@ NativeEqualsReference.TestCase.settings = settings(stateful_step_count=60)
 TestNativeEqualsReference = NativeEqualsReference.TestCase
 
 
+def _assert_same_state(py, c) -> None:
+    """Same blocks in the same LRU order per replica, and the same counters."""
+    for r in py.replicas():
+        assert py.blocks(r) == c.blocks(r)
+    assert {k: v for k, v in py.stats().items() if k not in ("bytes", "implementation")} == {
+        k: v for k, v in c.stats().items() if k not in ("bytes", "implementation")
+    }
+
+
 @pytest.mark.skipif(not HAVE_C, reason="C extension not built")
 @given(seed=st.integers(0, 2**32 - 1))
 def test_native_equals_reference_on_a_long_random_workload(seed):
@@ -358,11 +367,7 @@ def test_native_equals_reference_on_a_long_random_workload(seed):
             cap = rng.randrange(1, 60)
             py.set_capacity(r, cap)
             c.set_capacity(r, cap)
-    for r in py.replicas():
-        assert py.blocks(r) == c.blocks(r)
-    assert {k: v for k, v in py.stats().items() if k not in ("bytes", "implementation")} == {
-        k: v for k, v in c.stats().items() if k not in ("bytes", "implementation")
-    }
+    _assert_same_state(py, c)
 
 
 @pytest.mark.skipif(not HAVE_C, reason="C extension not built")
@@ -437,10 +442,6 @@ def test_native_equals_reference_when_blocks_crowd_one_bucket(seed):
             cap = rng.randrange(1, 80)
             py.set_capacity(r, cap)
             c.set_capacity(r, cap)
-    for r in py.replicas():
-        assert py.blocks(r) == c.blocks(r)
-    assert {k: v for k, v in py.stats().items() if k not in ("bytes", "implementation")} == {
-        k: v for k, v in c.stats().items() if k not in ("bytes", "implementation")
-    }
+    _assert_same_state(py, c)
     for h in pool:  # every block the reference holds is found, and nothing else
         assert py.match([h]) == c.match([h])
