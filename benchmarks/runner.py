@@ -38,7 +38,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bounds import Bounds, compute_bounds, percentile  # noqa: E402
-from targets import ADMIN_TOKEN, PEERS, POLICY_TARGETS, PRECISE, start_target  # noqa: E402
+from targets import ADMIN_TOKEN, PEERS, POLICY_TARGETS, PRECISE, SGLANG_LIKE, start_target  # noqa: E402
 
 from prefixlb.emulator.fleet import start_fleet_process, start_fleet_processes  # noqa: E402
 from prefixlb.emulator.replica import load_tokenizer  # noqa: E402
@@ -53,8 +53,9 @@ from prefixlb.loadgen import (  # noqa: E402
 from prefixlb.sim.workloads import workload_stream  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-ALL_TARGETS = [*POLICY_TARGETS, *PEERS]
-KNOWN_TARGETS = [*ALL_TARGETS, PRECISE]  # precise mode runs when asked (its fleet publishes KV events)
+ALL_TARGETS = [*(t for t in POLICY_TARGETS if t != SGLANG_LIKE), *PEERS]
+# opt-in: precise mode (its fleet publishes KV events), and prefixlb's proxy with the sglang rule
+KNOWN_TARGETS = [*ALL_TARGETS, PRECISE, SGLANG_LIKE]
 
 
 @dataclass
@@ -293,7 +294,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="tenants | llmd | chat | docqa | agent | unique | mixed | trace (default mixed)")
     ap.add_argument("--trace", help="JSONL trace for --workload trace (see prefixlb.loadgen.trace_workload)")
     ap.add_argument("--targets", default=",".join(ALL_TARGETS),
-                    help=f"comma-separated, from {', '.join(KNOWN_TARGETS)} (default: all but {PRECISE})")
+                    help=f"comma-separated, from {', '.join(KNOWN_TARGETS)} (default: all but {PRECISE} and {SGLANG_LIKE})")
     ap.add_argument("--quick", action="store_true", help="a smaller workload and fewer targets' requests (< 5 min)")
     ap.add_argument("--scale", type=float, default=None, help="workload size multiplier (default 1, --quick 0.35)")
     ap.add_argument("--load", type=float, default=0.6,

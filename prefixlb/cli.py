@@ -138,7 +138,8 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     s = SimSettings(workload=args.workload, requests=args.requests, replicas=args.replicas, policies=policies,
                     profile=args.profile, load=args.load, pressure=args.pressure,
                     kv_capacity_tokens=args.kv_capacity_tokens, index_capacity_tokens=args.index_capacity_tokens,
-                    scrape_interval=args.scrape_interval, network_s=args.network_ms / 1e3, time_scale=args.time_scale,
+                    scrape_interval=args.scrape_interval, network_s=args.network_ms / 1e3,
+                    observe_jitter_s=args.observe_jitter_ms / 1e3, time_scale=args.time_scale,
                     balancers=args.balancers, seed=args.seed, bounds=args.bounds,
                     params=CostParams(prefill_tokens_per_s=args.prefill_prior),
                     bounds_requests=args.bounds_requests, progress=not args.no_progress)
@@ -185,6 +186,9 @@ def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scrape-interval", type=float, default=1.0, metavar="S",
                    help="seconds between scrapes of each replica's /metrics (default 1; 0 = never)")
     p.add_argument("--network-ms", type=float, default=0.3, help="one-way balancer <-> replica latency (default 0.3)")
+    p.add_argument("--observe-jitter-ms", type=float, default=0.0,
+                   help="the balancer sees each first byte this much later on average (exponential: an event "
+                        "loop's delay); 0 (default) = exact, one deterministic trajectory per seed")
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="replicas run this many times faster than the balancer's clock, as an emulated fleet with "
                         "--time-scale X (default 1: real hardware)")

@@ -56,6 +56,7 @@ class Decision:
     dispatched_at: float | None = None
     backlog_end: float = 0.0
     work_at_dispatch: float = 0.0  # token-equivalents ahead of the first token (the TTFT model's x)
+    queued_at_dispatch: float = 0.0  # of which prefill queued ahead (the model's estimate)
     first_token_at: float | None = None
     closed: bool = False
     inserted: bool = False
@@ -268,6 +269,7 @@ class TierRouter:
         now = self.clock() if now is None else now
         r = d.replica
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)
+        d.queued_at_dispatch = r.backlog(now)
         d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
         self._work = self._work * math.exp(-max(0.0, now - self._work_t) / _WORK_TAU) + d.uncached_tokens
         self._work_t = now
@@ -317,7 +319,13 @@ class TierRouter:
         d.first_token_at = now
         r = d.replica
         r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
-        r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
+        # Learn only from a request that had (by the model's own account) little prefill queued
+        # ahead of it: its TTFT then measures the replica, not the model's queue estimate. Fed
+        # every sample, the regression of TTFT on an estimated queue reads the queue's errors
+        # as a faster rate and a larger fixed cost (errors in the variable), the faster rate
+        # drains the modelled queue too soon, and the errors grow: unstable under load.
+        if d.queued_at_dispatch <= self.params.learn_queue_share * max(d.uncached_tokens, 1.0):
+            r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
         if self.events is not None and d.inserted:
             self.events.settle(r.id, d.chain, now)
         if self.observer is not None and not d.remote:

@@ -78,6 +78,8 @@ class CostParams:
     ratio_weight: float = 16.0  # pseudo-observations holding a replica's speed ratio at the tier mean
     relax_s: float = 10.0  # a replica not observed this long drifts back toward the tier mean
     forget: float = 0.99  # per-observation decay of the TTFT regression (~100 observations)
+    learn_queue_share: float = 0.25  # learn from a TTFT only if the prefill queued ahead was at
+    # most this share of the request's own uncached tokens (see TierRouter.first_token)
 
 
 class _Regression:

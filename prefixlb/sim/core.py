@@ -65,6 +65,10 @@ class SimConfig:
     params: CostParams = field(default_factory=CostParams)
     scrape_interval: float = 1.0  # 0: the balancer never sees the replicas' /metrics
     network_s: float = 0.0003  # one way, balancer <-> replica
+    # the balancer sees each first byte this much later on average (exponential; its event loop's
+    # delay). 0 = exact, which makes every run one deterministic trajectory of a feedback system
+    # that real jitter can move a long way (see benchmarks/README.md, "the simulator's jitter")
+    observe_jitter_s: float = 0.0
     index_capacity_tokens: int | None = None  # what the router's index may hold per replica (None: KV size)
     maintain_interval: float = 0.25  # the balancer's upkeep tick (TierRouter.maintain)
     time_scale: float = 1.0  # replica seconds per balancer second (an emulated fleet's --time-scale)
@@ -82,6 +86,8 @@ class SimConfig:
             raise ValueError(f"--scrape-interval: must be >= 0 (0: never), got {self.scrape_interval}")
         if self.network_s < 0:
             raise ValueError(f"--network-ms: must be >= 0, got {self.network_s * 1e3}")
+        if self.observe_jitter_s < 0:
+            raise ValueError(f"--observe-jitter-ms: must be >= 0, got {self.observe_jitter_s * 1e3}")
         if not self.maintain_interval > 0:
             raise ValueError(f"maintain_interval: must be > 0, got {self.maintain_interval}")
         if self.index_capacity_tokens is not None and self.index_capacity_tokens < 1:
@@ -193,6 +199,7 @@ class Simulation:
         self.cfg = c = config or SimConfig()
         c.validate()
         self._specs: Iterator[RequestSpec] = iter(specs)
+        self._jitter = random.Random(c.seed * 7919 + 1)  # the balancer's observation delays
         self.now = 0.0
         self._heap: list[tuple[float, int, int]] = []
         self._seq = 0
@@ -386,6 +393,7 @@ class Simulation:
         outs = self._pending[r]
         if outs:
             net = self.cfg.network_s
+            jit = self.cfg.observe_jitter_s
             scale = self.cfg.time_scale
             t_client = now + net  # the byte reaches the balancer (and its client)
             inflight = self._inflight
@@ -396,7 +404,8 @@ class Simulation:
                 d, i, arrival, text_bytes, router = entry
                 if out.first_token:
                     self.ttft[i] = (t_client - arrival) * 1e3
-                    router.first_token(d, t_client / scale)
+                    seen = t_client + (self._jitter.expovariate(1.0 / jit) if jit else 0.0)
+                    router.first_token(d, seen / scale)
                 if out.finished:
                     del inflight[out.request_id]
                     self.e2e[i] = (t_client - arrival) * 1e3

@@ -47,6 +47,7 @@ class SimSettings:
     index_capacity_tokens: int | None = None  # per replica (None: the replica's KV)
     scrape_interval: float = 1.0
     network_s: float = 0.0003
+    observe_jitter_s: float = 0.0
     time_scale: float = 1.0
     balancers: int = 1
     seed: int = 0
@@ -75,6 +76,7 @@ class SimSettings:
         except KeyError as exc:
             raise ValueError(f"--profile: {exc.args[0]}") from None
         SimConfig(replicas=self.replicas, scrape_interval=self.scrape_interval, network_s=self.network_s,
+                  observe_jitter_s=self.observe_jitter_s,
                   index_capacity_tokens=self.index_capacity_tokens, time_scale=self.time_scale,
                   balancers=self.balancers).validate()
 
@@ -192,7 +194,7 @@ def run(s: SimSettings, *, command: str | None = None, workload: SizedWorkload |
     bounds = _bounds(s, w, kv, max_model_len)
     base = SimConfig(replicas=s.replicas, profile=s.profile, kv_capacity_tokens=kv, max_model_len=max_model_len,
                      params=s.params, scrape_interval=s.scrape_interval, network_s=s.network_s,
-                     index_capacity_tokens=s.index_capacity_tokens, time_scale=s.time_scale, balancers=s.balancers,
+                     observe_jitter_s=s.observe_jitter_s, index_capacity_tokens=s.index_capacity_tokens, time_scale=s.time_scale, balancers=s.balancers,
                      seed=s.seed)
     targets = []
     for policy in s.policies:
@@ -220,6 +222,7 @@ def run(s: SimSettings, *, command: str | None = None, workload: SizedWorkload |
             "fleet_kv_over_working_set": round(kv * s.replicas / ws, 2) if kv and ws else None,
             "index_capacity_tokens_per_replica": s.index_capacity_tokens, "replicas": s.replicas,
             "profile": s.profile, "scrape_interval_s": s.scrape_interval, "network_s": s.network_s,
+            "observe_jitter_s": s.observe_jitter_s,
             "time_scale": s.time_scale, "balancers": s.balancers, "seed": s.seed,
             "workload_survey_s": round(survey_s, 1), "command": command, "machine": machine(),
         },

@@ -164,6 +164,32 @@ def test_prefill_rate_is_learned_from_observed_ttfts():
         assert r.predict_ttft(work, 0.0) == pytest.approx(truth(work, running, ctx), rel=0.1)
 
 
+def test_only_requests_with_little_queued_ahead_teach_the_ttft_model():
+    """A TTFT measured behind a queue measures the model's queue estimate as much as the replica:
+    learning from it fed the estimate's errors back into the rate (errors in the variable) and
+    made routing unstable under load. Such a request is not learned from; one dispatched to an
+    idle replica is, and a burst leaves the learned rate where the idle requests put it."""
+    t = router(1)
+    r = t.replicas[0]
+    key = lambda i: chat(f"unique {i} " * 300, "q")  # noqa: E731 - ~1,000 uncached tokens each
+    burst = [t.decide(key(i), 0.0) for i in range(6)]
+    for d in burst:
+        t.dispatched(d, 0.0)
+    assert [d.queued_at_dispatch > 0 for d in burst] == [False] + [True] * 5
+    for k, d in enumerate(burst):  # a replica at 20,000 tokens/s, the burst served in order
+        t.first_token(d, 0.01 + (k + 1) * d.prompt_tokens / 20_000)
+        t.finished(d, 1.0)
+    assert r.observations == 1  # the first of the burst only
+    for i in range(60):  # idle dispatches, one at a time
+        d = t.decide(key(100 + i), 10.0 + i)
+        t.dispatched(d, 10.0 + i)
+        assert d.queued_at_dispatch == 0
+        t.first_token(d, 10.0 + i + 0.01 + d.uncached_tokens / 20_000)
+        t.finished(d, 10.5 + i)
+    assert r.observations == 61
+    assert 16_000 < r.prefill_rate < 24_000
+
+
 def test_what_one_replica_learns_its_untried_peers_share():
     """An untried replica predicts like its peers, not like a stale prior (so it gets tried)."""
     t = router(3)

@@ -45,6 +45,19 @@ def test_another_seed_changes_the_tie_breaks_not_the_workload():
     assert a.per_replica_requests != b.per_replica_requests  # least_loaded samples two replicas at random
 
 
+def test_observation_jitter_is_seeded_and_moves_only_what_the_balancer_sees():
+    """With observe_jitter_s the balancer learns from first bytes seen later (an event loop's
+    delay): still one result per seed, a different trajectory for cache_aware (which learns from
+    TTFTs), and none for a rule that never reads a time."""
+    jit = lambda **kw: cfg(observe_jitter_s=0.002, **kw)  # noqa: E731
+    assert fingerprint(simulate(specs(), jit())) == fingerprint(simulate(specs(), jit()))
+    assert fingerprint(simulate(specs(), jit())) != fingerprint(simulate(specs(), cfg()))
+    rr = dict(policy="round_robin")
+    assert fingerprint(simulate(specs(), jit(**rr))) == fingerprint(simulate(specs(), cfg(**rr)))
+    with pytest.raises(ValueError, match="observe-jitter-ms"):
+        cfg(observe_jitter_s=-1.0).validate()
+
+
 @pytest.mark.parametrize("policy", ["cache_aware", "round_robin", "sglang_like"])
 def test_every_request_finishes_once_with_a_first_token_before_its_end(policy):
     res = simulate(specs(400), cfg(policy=policy))
