@@ -457,8 +457,9 @@ def to_markdown(report: dict) -> str:
              f"{s['load']:.0%} of prefill throughput), {s['replicas']} x {s['profile']}" + (" (real replicas)" if s["real_replicas"] else
                                                                f" emulated at {s['time_scale']:g}x" + (", a process per replica" if s.get("process_per_replica") else "")),
              "",
-             f"`{s['command']}` — {s['date']}. Shared working set {s['shared_working_set_tokens']:,} tokens; fleet KV "
-             f"{s['fleet_kv_over_working_set'] or 'n/a'}x of it. Bounds: pooled-cache hit rate "
+             f"`{s['command']}` — {s['date']}. Shared working set {s['shared_working_set_tokens']:,} tokens; "
+             + (f"fleet KV {s['fleet_kv_over_working_set']}x of it" if s["fleet_kv_over_working_set"] else
+                "fleet KV: the profile's") + ". Bounds: pooled-cache hit rate "
              f"**{report['oracle_hit_rate']:.1%}**, TTFT floor p50/p90/p99 **{report['ttft_floor_ms']['p50']:.0f} / "
              f"{report['ttft_floor_ms']['p90']:.0f} / {report['ttft_floor_ms']['p99']:.0f} ms** ("
              f"{'modelled from the profile' if s['real_replicas'] else 'emulated'}).",
@@ -470,7 +471,8 @@ def to_markdown(report: dict) -> str:
         if "skipped" in t:
             lines.append(f"| {t['name']} | skipped: {t['skipped']} ||||||||||| ")
             continue
-        lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {t['hit_rate_of_oracle']:.0%} | {t['ttft_p50_ms']:.0f} | "
+        of_pooled = "n/a" if t.get("hit_rate_of_oracle") is None else format(t["hit_rate_of_oracle"], ".0%")
+        lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {of_pooled} | {t['ttft_p50_ms']:.0f} | "
                      f"{t['ttft_p90_ms']:.0f} | {t['ttft_p99_ms']:.0f} | +{t['ttft_p90_over_floor_ms']:.0f} | "
                      f"+{t['ttft_p99_over_floor_ms']:.0f} | {t['throughput_rps']:.2f} | {t['errors']} | "
                      f"{t['busiest_replica_share']:.0%} | "

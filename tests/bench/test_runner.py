@@ -63,6 +63,14 @@ def test_unknown_target_is_named() -> None:
                                       "--no-plots"]))
 
 
+def test_a_workload_without_sharing_renders() -> None:
+    """unique prompts: no pooled hit rate to compare with, no working set to size the KV by."""
+    rep = json.loads((ROOT / "benchmarks" / "results" / "bench_unique.json").read_text())
+    assert rep["oracle_hit_rate"] == 0.0 and rep["targets"][0]["hit_rate_of_oracle"] is None
+    md = runner.to_markdown(rep)
+    assert "fleet KV: the profile's" in md and "| prefixlb | 0.0% | n/a |" in md
+
+
 def _importable(mod: str) -> bool:
     try:
         __import__(mod)
