@@ -9,7 +9,7 @@ simulator seeds, with the balancer's observations exact and delayed by an expone
 (``SimConfig.observe_jitter_s``), and reports the mean (and worst) of each metric over the seeds.
 
 Usage:
-  python benchmarks/sim_seeds.py                    # about 5 minutes here
+  python benchmarks/sim_seeds.py                    # about 1 minute here
   python benchmarks/sim_seeds.py --workloads mixed,unique --seeds 4 --jitter-ms 0,1,5
 """
 

@@ -194,8 +194,8 @@ def run(s: SimSettings, *, command: str | None = None, workload: SizedWorkload |
     bounds = _bounds(s, w, kv, max_model_len)
     base = SimConfig(replicas=s.replicas, profile=s.profile, kv_capacity_tokens=kv, max_model_len=max_model_len,
                      params=s.params, scrape_interval=s.scrape_interval, network_s=s.network_s,
-                     observe_jitter_s=s.observe_jitter_s, index_capacity_tokens=s.index_capacity_tokens, time_scale=s.time_scale, balancers=s.balancers,
-                     seed=s.seed)
+                     observe_jitter_s=s.observe_jitter_s, index_capacity_tokens=s.index_capacity_tokens,
+                     time_scale=s.time_scale, balancers=s.balancers, seed=s.seed)
     targets = []
     for policy in s.policies:
         res = run_policy(w, rate, replace(base, policy=policy), progress=s.progress)
