@@ -22,11 +22,11 @@ from pathlib import Path
 
 __all__ = ["PEERS", "POLICY_TARGETS", "PRECISE", "SGLANG_LIKE", "Target", "free_port", "precise_config", "start_target"]
 
-POLICY_TARGETS = {"prefixlb": "cache_aware", "round_robin": "round_robin", "least_loaded": "least_loaded",
-                  "consistent_hash": "consistent_hash", "prefixlb-sglang_like": "sglang_like"}
 #: prefixlb's proxy with a model of sglang-router's rule (opt-in): separates what a peer's rule
 #: is worth from what its proxy is
 SGLANG_LIKE = "prefixlb-sglang_like"
+POLICY_TARGETS = {"prefixlb": "cache_aware", "round_robin": "round_robin", "least_loaded": "least_loaded",
+                  "consistent_hash": "consistent_hash", SGLANG_LIKE: "sglang_like"}
 #: prefixlb in precise mode (the index follows the replicas' KV events); needs a fleet publishing them
 PRECISE = "prefixlb-precise"
 PEERS = ("sglang-router", "vllm-router")

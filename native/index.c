@@ -10,7 +10,7 @@
  *                  memory is bounded by the live entries (plus the growth slack); indices stay
  *                  valid when it moves, and no Entry pointer is held across an allocation.
  *   Bucket (64 B)  the block table, keyed by block hash -> head of its holder list: buckets
- *                  of 7 lanes, one cache line each, at load <= 3/5. Each lane keeps a 32-bit
+ *                  of 7 lanes, one cache line each, at load <= 1/2. Each lane keeps a 32-bit
  *                  tag of the mixed hash; a probe compares the 7 tags at once and reads an
  *                  entry only on a tag match; the tag alone gives the home bucket, so deletion
  *                  and resize never touch entries. A block lives in the first bucket from its
@@ -73,10 +73,20 @@
 #define LIKELY(x) __builtin_expect(!!(x), 1)
 #define UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define PREFETCH(p) __builtin_prefetch(p)
+#define LOWEST_BIT(m) ((uint32_t)__builtin_ctz(m)) /* index of m's lowest set bit; m != 0 */
 #else
 #define LIKELY(x) (x)
 #define UNLIKELY(x) (x)
 #define PREFETCH(p) ((void)0)
+static inline uint32_t LOWEST_BIT(uint32_t m)
+{
+    uint32_t i = 0;
+    while (!(m & 1u)) {
+        m >>= 1;
+        i++;
+    }
+    return i;
+}
 #endif
 
 /* ===================================================================================== */
@@ -610,7 +620,7 @@ static uint32_t bucket_put(Bucket *bk, uint32_t nb, uint32_t tag, uint32_t head)
     for (;;) {
         const uint32_t free = lanes_eq(&bk[b], 0);
         if (LIKELY(free)) {
-            const uint32_t l = (uint32_t)__builtin_ctz(free);
+            const uint32_t l = LOWEST_BIT(free);
             bk[b].tag[l] = tag;
             bk[b].head[l] = head;
             return b << 3 | l;
@@ -641,8 +651,8 @@ static int table_resize(IndexObject *ix, uint32_t nb)
  * about one block in a hundred lives past its home bucket); it grows by half, to a load of 1/3,
  * so its size stays within 1.5x of what that needs. A block that overflowed stays where it is
  * until it leaves, so under churn the displaced share drifts up from a fresh table's: at a load
- * of 3/5 that drift cost about 5% of bench_index's steady-state time, at 1/2 it stayed within
- * the noise. */
+ * of 3/5 that drift showed in bench_index's steady-state time, at 1/2 it stayed within the
+ * noise. */
 static inline int table_full(const IndexObject *ix) { return (ix->n_used + 1) * 2 > (uint64_t)LANES * ix->nb; }
 
 /* Add block h (absent from the table) with entry e as its only holder. */
@@ -670,7 +680,7 @@ static inline uint32_t slot_probe(IndexObject *ix, uint64_t h, uint32_t tag)
     for (;;) {
         const Bucket *B = &ix->bk[b];
         for (uint32_t m = lanes_eq(B, tag); m; m &= m - 1u) {
-            const uint32_t l = (uint32_t)__builtin_ctz(m);
+            const uint32_t l = LOWEST_BIT(m);
             if (LIKELY(E(ix, B->head[l])->hash == h))
                 return b << 3 | l;
         }
@@ -960,7 +970,7 @@ static inline void prefetch_holder(IndexObject *ix, uint64_t h)
     const Bucket *B = &ix->bk[home_of(tag, ix->nb)];
     const uint32_t m = lanes_eq(B, tag);
     if (m)
-        PREFETCH(E(ix, B->head[__builtin_ctz(m)]));
+        PREFETCH(E(ix, B->head[LOWEST_BIT(m)]));
 }
 
 
@@ -1113,10 +1123,8 @@ static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj
     for (Py_ssize_t i = 0; i < n; i++, p += bs) {
         h = bs == 64 ? plb_xxh64_64(p, h) : plb_xxh64(p, (size_t)bs, h);
         ch[i] = h;
-        if (!ix)
-            continue;
         if (g <= 0)
-            continue; /* the match has ended: insert() prefetches the new blocks' buckets */
+            continue; /* no index, or the match has ended: insert() prefetches its own buckets */
         prefetch_home(ix, h);
         if (i >= MATCH_LAG) {
             const Py_ssize_t k = i - MATCH_LAG;
@@ -1125,12 +1133,11 @@ static ChainObject *hash_chain(IndexObject *ix, PyObject *data, PyObject *bs_obj
         }
     }
     PyBuffer_Release(&view);
-    if (ix) /* the last MATCH_LAG blocks */
-        for (Py_ssize_t k = n > MATCH_LAG ? n - MATCH_LAG : 0; g > 0 && k < n; k++) {
-            if (k + MATCH_AHEAD < n)
-                prefetch_holder(ix, ch[k + MATCH_AHEAD]);
-            g = match_step(ix, w, ch[k], k);
-        }
+    for (Py_ssize_t k = n > MATCH_LAG ? n - MATCH_LAG : 0; g > 0 && k < n; k++) { /* the last MATCH_LAG */
+        if (k + MATCH_AHEAD < n)
+            prefetch_holder(ix, ch[k + MATCH_AHEAD]);
+        g = match_step(ix, w, ch[k], k);
+    }
     if (go)
         *go = g;
     return c;

@@ -99,7 +99,6 @@ class TierClassifier:
         self._feat = Featurizer(WordPiece(vocab), int(config.get("text_cap", 2000)))
         self._net = None if _TierNet is None else _TierNet(
             self._table, self._gbias, self._rates, self._mu, a["feat_std"], self._w1, self._b1, self._w2, self._b2)
-        self._text_cap = self._feat.text_cap
         if self._net is not None:
             self._net.set_vocab(self._feat.tokenizer.vocab, self._feat.tokenizer.unk_id)
         self.threshold = self._pick_threshold(threshold, budget)
@@ -158,7 +157,7 @@ class TierClassifier:
         if self._net is not None:
             # an ASCII prompt is featurised in C as well (tokenize.py and features.py are its
             # specification); anything else takes the Python featuriser
-            p = self._net.probs_text(prompt, self._text_cap)
+            p = self._net.probs_text(prompt, self._feat.text_cap)
             if p is not None:
                 return p
             return self._net.probs(*self._feat(prompt))
