@@ -39,6 +39,7 @@ class Bounds:
     pooled_hit_rate: float
     ttft_floor_ms: dict[str, float]  # p50, p90, p99 (emulated ms)
     floors_ms: list[float]  # per request, in spec order
+    misses: list[int]  # per request, in spec order: the prompt tokens the pooled cache missed
     prompt_tokens: int
     pooled_kv_tokens: int
 
@@ -55,6 +56,7 @@ def compute_bounds(specs: Sequence[RequestSpec], *, profile: str, replicas: int,
                     hash_algo="fast")
     now = 0.0
     floors: list[float] = []
+    misses: list[int] = []
     prompt_total = 0
     for i, spec in enumerate(specs):
         ids = request_prompt_ids(tok, spec.body, spec.chat)
@@ -62,18 +64,23 @@ def compute_bounds(specs: Sequence[RequestSpec], *, profile: str, replicas: int,
         max_tokens = int(spec.body.get("max_tokens") or 16)
         engine.add_request(EngineRequest(f"b{i}", ids, max_tokens=max_tokens, ignore_eos=True), now)
         first = None
+        miss = len(ids)
         while engine.has_unfinished():
             res = engine.step(now)
             now = res.end
             for out in res.outputs:
                 if out.first_token:
                     first = out.times.first_token - out.times.arrival
+                if out.finished:
+                    miss = out.num_prompt_tokens - out.num_cached_tokens
         floors.append((first or 0.0) * 1e3)
+        misses.append(miss)
     c = engine.metrics().counters
     return Bounds(
         pooled_hit_rate=c.prefix_cache_hits / c.prefix_cache_queries if c.prefix_cache_queries else 0.0,
         ttft_floor_ms={q: round(percentile(floors, v), 2) for q, v in (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))},
         floors_ms=floors,
+        misses=misses,
         prompt_tokens=prompt_total,
         pooled_kv_tokens=(engine.num_gpu_blocks - 1) * engine.block_size,
     )

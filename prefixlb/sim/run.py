@@ -29,7 +29,7 @@ from prefixlb.routing import POLICIES, CostParams
 from .core import SimConfig, SimResult, Simulation
 from .workloads import SizedWorkload, fleet_kv, prefill_capacity, sized_workload
 
-__all__ = ["SimSettings", "bounds_module", "checks", "machine", "run", "run_policy", "to_markdown"]
+__all__ = ["SimSettings", "bounds_module", "checks", "machine", "plan", "run", "run_policy", "to_markdown"]
 
 
 @dataclass
@@ -172,6 +172,24 @@ def _bounds(s: SimSettings, w: SizedWorkload, kv: int | None, max_model_len: int
     return out
 
 
+def plan(s: SimSettings, w: SizedWorkload) -> tuple[float, SimConfig]:
+    """(arrival rate in requests/s, the fleet and balancer) for ``w`` under ``s``: KV per replica
+    from the shared working set and ``s.pressure`` (unless given), the rate that offers
+    ``s.load`` of the fleet's prefill throughput. The policy is ``s``'s first."""
+    ws = w.shared_working_set_tokens
+    if s.kv_capacity_tokens:
+        kv, max_model_len = s.kv_capacity_tokens, min(16_384, s.kv_capacity_tokens - 256)
+    else:
+        kv, max_model_len = fleet_kv(ws, s.replicas, s.pressure)
+    cap = prefill_capacity(s.profile, int(w.mean_prompt_tokens), max_model_len)
+    rate = s.load * s.replicas * cap / w.mean_prompt_tokens
+    base = SimConfig(replicas=s.replicas, profile=s.profile, kv_capacity_tokens=kv, max_model_len=max_model_len,
+                     policy=s.policies[0], params=s.params, scrape_interval=s.scrape_interval, network_s=s.network_s,
+                     observe_jitter_s=s.observe_jitter_s, index_capacity_tokens=s.index_capacity_tokens,
+                     time_scale=s.time_scale, balancers=s.balancers, seed=s.seed)
+    return rate, base
+
+
 def run(s: SimSettings, *, command: str | None = None, workload: SizedWorkload | None = None) -> dict:
     """Simulate every policy of ``s`` on the same workload and fleet; the report (JSON-ready)."""
     s.validate()
@@ -181,21 +199,14 @@ def run(s: SimSettings, *, command: str | None = None, workload: SizedWorkload |
     w = workload or sized_workload(s.workload, s.requests, seed=s.seed, model=model)
     survey_s = time.perf_counter() - t0
     ws = w.shared_working_set_tokens
-    if s.kv_capacity_tokens:
-        kv, max_model_len = s.kv_capacity_tokens, min(16_384, s.kv_capacity_tokens - 256)
-    else:
-        kv, max_model_len = fleet_kv(ws, s.replicas, s.pressure)
+    rate, base = plan(s, w)
+    kv, max_model_len = base.kv_capacity_tokens, base.max_model_len
     cap = prefill_capacity(s.profile, int(w.mean_prompt_tokens), max_model_len)
-    rate = s.load * s.replicas * cap / w.mean_prompt_tokens
     print(f"prefixlb sim: workload {w.name} ({w.requests:,} requests, mean prompt {w.mean_prompt_tokens:.0f} tokens, "
           f"shared working set {ws:,} tokens) at {rate:,.2f} req/s: prompt tokens at {s.load:.0%} of the fleet's "
           f"prefill throughput ({s.replicas:,} x {cap:,.0f} tokens/s, {s.profile}); KV per replica "
           f"{kv if kv else 'profile default'} tokens", file=sys.stderr)
     bounds = _bounds(s, w, kv, max_model_len)
-    base = SimConfig(replicas=s.replicas, profile=s.profile, kv_capacity_tokens=kv, max_model_len=max_model_len,
-                     params=s.params, scrape_interval=s.scrape_interval, network_s=s.network_s,
-                     observe_jitter_s=s.observe_jitter_s, index_capacity_tokens=s.index_capacity_tokens,
-                     time_scale=s.time_scale, balancers=s.balancers, seed=s.seed)
     targets = []
     for policy in s.policies:
         res = run_policy(w, rate, replace(base, policy=policy), progress=s.progress)
