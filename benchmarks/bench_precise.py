@@ -6,6 +6,9 @@ several balancer instances against one, and ``--workers 2`` against one worker.
    prefixlb approximate, prefixlb precise and sglang-router (``prefixlb bench`` underneath, each
    target on a fresh fleet): TTFT p50/p90/p99, hit rate (replica counters) and, for prefixlb,
    the error of its predicted cached tokens against what the replicas reported.
+   **Bypass**: the same with ``--bypass`` of the requests sent straight to the replicas
+   (round-robin; another client of the fleet): evictions the balancer's own routing does not
+   cause and approximate mode cannot see.
 2. **Instances agree.** N precise-mode balancers (as N pods) in front of one emulated fleet
    publishing events; requests are spread over them round-robin and, before each, the next
    instance is asked where it would route it (``POST /admin/route``, a dry run). Reported:
@@ -15,7 +18,7 @@ several balancer instances against one, and ``--workers 2`` against one worker.
    of the same fake replica, driven by ``wrk`` (C, so the client takes little CPU); skipped
    when wrk is not installed.
 
-Usage: python benchmarks/bench_precise.py [--quick] [--parts churn,agree,workers]
+Usage: python benchmarks/bench_precise.py [--quick] [--parts churn,bypass,agree,workers] [--bypass 0.3]
 Writes benchmarks/results/bench_precise.{json,md}.
 """
 
@@ -49,14 +52,23 @@ RESULTS = HERE / "results"
 # -- 1. churn ---------------------------------------------------------------------------------------
 
 
-def churn(quick: bool, out: Path) -> dict:
+def churn(quick: bool, out: Path, bypass: float = 0.0) -> dict:
+    """Eviction churn; with ``bypass`` that share of the requests goes straight to the replicas
+    (another client of the fleet): evictions the balancer's own routing cannot predict."""
+    name = "bench_precise_bypass" if bypass else "bench_precise_churn"
     argv = ["--workload", "llmd", "--targets", f"prefixlb,{PRECISE},sglang-router", "--pressure", "1.0",
-            "--out", str(out), "--name", "bench_precise_churn", "--time-scale", "2"]
+            "--out", str(out), "--name", name, "--time-scale", "2"]
+    if bypass:
+        argv += ["--bypass", str(bypass)]
     if quick:
         argv += ["--scale", "0.3"]
-    report = runner.run(runner.build_args(argv))
+    args = runner.build_args(argv)
+    shown = ["benchmarks/results" if a == str(RESULTS) else a for a in argv]
+    args.command_line = "prefixlb bench " + " ".join(shown)
+    report = runner.run(args)
     return {"command": report["setup"]["command"], "oracle_hit_rate": report["oracle_hit_rate"],
-            "ttft_floor_ms": report["ttft_floor_ms"], "setup": report["setup"], "targets": report["targets"]}
+            "ttft_floor_ms": report["ttft_floor_ms"], "setup": report["setup"], "targets": report["targets"],
+            "bypass": bypass}
 
 
 # -- 2. agreement -----------------------------------------------------------------------------------
@@ -207,7 +219,9 @@ def workers(quick: bool) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--parts", default="churn,agree,workers")
+    ap.add_argument("--parts", default="churn,bypass,agree,workers")
+    ap.add_argument("--bypass", type=float, default=0.3,
+                    help="the bypass part: share of the requests sent straight to the replicas (default 0.3)")
     ap.add_argument("--instances", type=int, default=4)
     ap.add_argument("--no-peer-sync", action="store_true", help="instances share only the replicas' KV events")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -218,12 +232,24 @@ def main(argv=None) -> int:
     random.seed(0)
     if "churn" in parts:
         rep["churn"] = churn(a.quick, a.out)
+    if "bypass" in parts:
+        rep["bypass"] = churn(a.quick, a.out, a.bypass)
     if "agree" in parts:
         rep["agree"] = agree(a.quick, a.instances, peer_sync=not a.no_peer_sync)
     if "workers" in parts:
         rep["workers"] = workers(a.quick)
+    for part in ("churn", "bypass", "agree", "workers"):
+        if part in rep:
+            rep[part]["date"] = rep["machine"]["date"]
     a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "bench_precise.json").write_text(json.dumps(rep, indent=2) + "\n")
+    path = a.out / "bench_precise.json"
+    if path.exists():  # parts not run this time keep their recorded results (each says when)
+        old = json.loads(path.read_text())
+        for part in ("churn", "bypass", "agree", "workers"):
+            if part not in rep and part in old:
+                rep[part] = {**old[part], "date": old[part].get("date", old.get("machine", {}).get("date")),
+                             "command_when_recorded": old[part].get("command_when_recorded", old.get("command"))}
+    path.write_text(json.dumps(rep, indent=2) + "\n")
     md = markdown(rep)
     (a.out / "bench_precise.md").write_text(md)
     print(md)
@@ -234,13 +260,19 @@ def markdown(rep: dict) -> str:
     m = rep["machine"]
     lines = ["## bench_precise: precise vs approximate, instances that agree, workers", "",
              f"`{rep['command']}` — {m['date']}, {m['cpu']}, {m['cores']} cores", ""]
-    c = rep.get("churn")
-    if c:
+    for key in ("churn", "bypass"):
+        c = rep.get(key)
+        if not c:
+            continue
         s = c["setup"]
-        lines += [f"### Eviction churn: llm-d's shape, {s['requests']} requests, fleet KV {s['fleet_kv_over_working_set']}x "
+        by = c.get("bypass") or 0.0
+        title = (f"Eviction churn the balancer cannot see: {by:.0%} of the requests bypass it (round-robin straight "
+                 "to the replicas, another client of the fleet)" if by else "Eviction churn")
+        lines += [f"### {title}: llm-d's shape, {s['requests']} requests, fleet KV {s['fleet_kv_over_working_set']}x "
                   f"the shared working set, {s['replicas']} replicas", "",
-                  f"Pooled-cache hit rate {c['oracle_hit_rate']:.1%}; TTFT floor p50/p90/p99 "
-                  f"{c['ttft_floor_ms']['p50']:.0f} / {c['ttft_floor_ms']['p90']:.0f} / {c['ttft_floor_ms']['p99']:.0f} ms", "",
+                  f"`{c['command']}` ({c.get('date') or s.get('date')}). Pooled-cache hit rate {c['oracle_hit_rate']:.1%}; TTFT floor p50/p90/p99 "
+                  f"{c['ttft_floor_ms']['p50']:.0f} / {c['ttft_floor_ms']['p90']:.0f} / {c['ttft_floor_ms']['p99']:.0f} ms"
+                  + (" (of the routed requests; hit rate: the routed requests' own, from their usage)" if by else ""), "",
                   "| target | hit rate | TTFT p50 ms | p90 | p99 | predicted vs actual cached tokens | errors |",
                   "|---|---|---|---|---|---|---|"]
         for t in c["targets"]:
@@ -248,14 +280,18 @@ def markdown(rep: dict) -> str:
                 lines.append(f"| {t['name']} | skipped: {t['skipped']} | | | | | |")
                 continue
             err = t.get("cached_prediction_error")
-            lines.append(f"| {t['name']} | {t['hit_rate']:.1%} | {t['ttft_p50_ms']:.0f} | {t['ttft_p90_ms']:.0f} | "
-                         f"{t['ttft_p99_ms']:.0f} | {'–' if err is None else format(err, '.1%') + ' off'} | {t['errors']} |")
+            hit = t.get("routed_hit_rate") if by else t["hit_rate"]
+            lines.append(f"| {t['name']} | {'–' if hit is None else format(hit, '.1%')} | {t['ttft_p50_ms']:.0f} | "
+                         f"{t['ttft_p90_ms']:.0f} | {t['ttft_p99_ms']:.0f} | "
+                         f"{'–' if err is None else format(err, '.1%') + ' off'} | {t['errors']} |")
         lines.append("")
     g = rep.get("agree")
     if g:
         one, many = g["rows"]
         lines += [f"### {many['instances']} precise-mode instances vs one ({g['workload']}, {g['requests']} requests, "
                   f"{g['replicas']} replicas, peer sync {'on' if g.get('peer_sync') else 'off'})", "",
+                  *([f"Recorded {g['date']} (`{g.get('command_when_recorded') or rep['command']}`).", ""]
+                    if g.get("date") else []),
                   f"- identical decisions across instances: **{many['identical_decisions']:.1%}** "
                   f"({many['compared']} requests compared; goal ≥ 95%); one instance asked the same way agrees "
                   f"with itself {one['identical_decisions']:.1%} of the time (requests in flight move its state "
@@ -268,6 +304,8 @@ def markdown(rep: dict) -> str:
             lines += [f"### Workers: skipped ({w['skipped']})", ""]
         else:
             lines += ["### --workers 2 vs 1 (same fake replica, wrk client)", "",
+                      *([f"Recorded {w['date']} (`{w.get('command_when_recorded') or rep['command']}`).", ""]
+                        if w.get("date") else []),
                       f"- {w['rps_workers_2']:,} vs {w['rps_workers_1']:,} req/s: **{w['ratio']}x** (goal ≥ 1.7x; "
                       f"median of {w['rounds']} rounds; the client and the replica share the same 2 cores)", ""]
     return "\n".join(lines) + "\n"

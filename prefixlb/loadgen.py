@@ -397,6 +397,7 @@ class Outcome:
     prompt_tokens: int = 0
     cached_tokens: int | None = None
     error: str = ""
+    bypassed: bool = False  # sent straight to a replica (``drive(direct=...)``), not through the target
 
 
 async def _one(session: aiohttp.ClientSession, base: str, spec: RequestSpec, scale: float) -> Outcome:
@@ -443,11 +444,15 @@ async def drive(
     progress: Callable[[int], None] | None = None,
     closed_loop: int | None = None,
     fresh_connections: bool = False,
+    direct: Sequence[str | None] | None = None,
 ) -> tuple[list[Outcome], float]:
     """Send ``specs`` open-loop at their arrival times (or, with ``closed_loop=N``, by N clients
     each sending its next request when the previous one ends); returns outcomes and the wall
     seconds taken. Connections are kept alive and reused, as OpenAI clients do, unless
-    ``fresh_connections``."""
+    ``fresh_connections``. ``direct[i]``, when given and not None, is a URL request ``i`` goes to
+    instead of ``base`` (traffic that bypasses the balancer; its outcome is marked ``bypassed``)."""
+    if direct is not None and len(direct) != len(specs):
+        raise ValueError(f"direct: {len(direct)} entries for {len(specs)} requests")
     conn = aiohttp.TCPConnector(limit=0, force_close=fresh_connections)
     outcomes: list[Outcome | None] = [None] * len(specs)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=timeout)) as s:
@@ -457,7 +462,10 @@ async def drive(
             delay = spec.at / time_scale - (time.perf_counter() - start)
             if delay > 0:
                 await asyncio.sleep(delay)
-            outcomes[i] = await _one(s, base, spec, time_scale)
+            url = direct[i] if direct is not None else None
+            o = await _one(s, url or base, spec, time_scale)
+            o.bypassed = url is not None
+            outcomes[i] = o
             if progress:
                 progress(1)
 
@@ -466,7 +474,10 @@ async def drive(
 
             async def client() -> None:
                 for i in nxt:
-                    outcomes[i] = await _one(s, base, specs[i], time_scale)
+                    url = direct[i] if direct is not None else None
+                    o = await _one(s, url or base, specs[i], time_scale)
+                    o.bypassed = url is not None
+                    outcomes[i] = o
                     if progress:
                         progress(1)
 

@@ -71,6 +71,31 @@ def test_a_workload_without_sharing_renders() -> None:
     assert "fleet KV: the profile's" in md and "| prefixlb | 0.0% | n/a |" in md
 
 
+def test_bypass_sends_the_same_requests_around_the_balancer(tmp_path: Path) -> None:
+    """--bypass: a seeded share of the requests goes straight to the replicas for every target;
+    latency and the floor are the routed requests', the routed hit rate comes from their usage,
+    and no pooled-cache bound is claimed for traffic the balancer did not place."""
+    mask = runner.bypass_mask(2000, 0.3, 5)
+    assert mask == runner.bypass_mask(2000, 0.3, 5) and 450 < sum(mask) < 750
+    assert not any(runner.bypass_mask(50, 0.0, 5))
+    args = runner.build_args(["--quick", "--workload", "tenants", "--scale", "0.06", "--targets", "prefixlb",
+                              "--bypass", "0.4", "--out", str(tmp_path), "--no-plots", "--time-scale", "4"])
+    report = runner.run(args)
+    (t,) = report["targets"]
+    n = report["setup"]["requests"]
+    skipped = sum(runner.bypass_mask(n, 0.4, 0))
+    assert report["setup"]["bypass"] == 0.4 and 0 < skipped < n
+    assert t["bypassed_requests"] == skipped and t["bypassed_errors"] == 0
+    assert t["requests"] == n - skipped and t["errors"] == 0
+    assert 0.0 < t["routed_hit_rate"] <= 1.0
+    assert not any("pooled cache" in c["check"] for c in report["checks"])
+    md = (tmp_path / "bench_tenants_quick.md").read_text()
+    assert "40% of the requests bypass the balancer" in md and "routed hit" in md
+    with pytest.raises(SystemExit, match="--bypass must be in"):
+        runner.run(runner.build_args(["--quick", "--workload", "unique", "--scale", "0.02", "--targets",
+                                      "prefixlb", "--bypass", "1", "--no-plots"]))
+
+
 def _importable(mod: str) -> bool:
     try:
         __import__(mod)
