@@ -62,28 +62,60 @@ def status_line(code: int) -> bytes:
     return line
 
 
-def _bytes(x: bytes | str) -> bytes:
-    return x.encode("latin-1") if x.__class__ is str else x  # type: ignore[union-attr,return-value]
+# header name -> 0 (written), 1 (a framing header: dropped), 2 (content-length: dropped, its
+# value returned); names already checked, for the default ``skip`` only. Bounded: a peer that
+# sends ever-new header names only makes the check run again for them.
+_NAME_KIND: dict[bytes, int] = {}
+_NAME_KIND_MAX = 4096
+
+
+def _name_kind(name: bytes, skip: frozenset[bytes]) -> int:
+    """Check a header name (not empty, no colon, CR or LF) and classify it against ``skip``."""
+    if not name or b":" in name or b"\r" in name or b"\n" in name:
+        raise ValueError(f"invalid response header name {name!r}")
+    lname = name.lower()
+    kind = (2 if lname == b"content-length" else 1) if lname in skip else 0
+    if skip is FRAMING_HEADERS and len(_NAME_KIND) < _NAME_KIND_MAX:
+        _NAME_KIND[name] = kind
+    return kind
 
 
 def header_lines(headers: Headers, out: list[bytes], skip: frozenset[bytes] = FRAMING_HEADERS) -> int | None:
-    """Append ``name: value\\r\\n`` lines to ``out``, dropping names in ``skip``.
+    """Append ``name: value\r\n`` lines to ``out``, dropping names in ``skip``.
 
     Returns the value of a ``content-length`` header if the caller gave one (it is dropped from
-    the lines either way: the framing is written by whoever owns it), else None.
+    the lines either way: the framing is written by whoever owns it), else None. Raises
+    ValueError, with ``out`` as it was, for an empty name, a colon in a name, or CR or LF
+    anywhere (checked once over the lines written: each must hold exactly one CR and one LF).
     """
     content_length = None
-    for name, value in headers:
-        name = _bytes(name)
-        value = _bytes(value)
-        lname = name.lower()
-        if lname in skip:
-            if lname == b"content-length":
-                content_length = int(value)
-            continue
-        if b"\n" in value or b"\r" in value or b"\n" in name or b"\r" in name or b":" in name or not name:
-            raise ValueError(f"invalid response header {name!r}: {value!r}")
-        out.append(b"%s: %s\r\n" % (name, value))
+    start = len(out)
+    append = out.append
+    known = _NAME_KIND if skip is FRAMING_HEADERS else {}
+    try:
+        for name, value in headers:
+            if name.__class__ is not bytes:
+                name = name.encode("latin-1")  # type: ignore[union-attr]
+            if value.__class__ is not bytes:
+                value = value.encode("latin-1")  # type: ignore[union-attr]
+            kind = known.get(name)  # type: ignore[arg-type]
+            if kind is None:
+                kind = _name_kind(name, skip)  # type: ignore[arg-type]
+            if kind:
+                if kind == 2:
+                    content_length = int(value)
+                continue
+            append(name + b": " + value + b"\r\n")  # type: ignore[operator]
+        k = len(out) - start
+        if k:
+            block = b"".join(out[start:])
+            if block.count(b"\n") != k or block.count(b"\r") != k:
+                bad = next(x for x in out[start:] if x.count(b"\n") != 1 or x.count(b"\r") != 1)
+                name, _, value = bad[:-2].partition(b": ")
+                raise ValueError(f"invalid response header {name!r}: {value!r}")
+    except BaseException:
+        del out[start:]
+        raise
     return content_length
 
 
