@@ -255,6 +255,12 @@ class TierPipeline:
         self.mode = classifier_mode if classifier is not None else ClassifierMode.KILLED
         self.user_offsets = user_offsets
         self._rank = {t: i for i, t in enumerate(self.tiers)}
+        # the decisions that carry no score are the same every time: built once (a frozen
+        # dataclass costs a microsecond to construct), indexed by the cascade flag
+        self._rule_decisions = [(TierDecision(r.tier, RULES, rule=r.name, cascade=r.cascade),
+                                 TierDecision(r.tier, RULES, rule=r.name, cascade=True)) for r in self.rules]
+        self._default_decisions = (TierDecision(default_tier, DEFAULT), TierDecision(default_tier, DEFAULT,
+                                                                                     cascade=True))
 
     # the kill switch: immediate, no request in flight is affected
     def kill(self) -> None:
@@ -270,9 +276,11 @@ class TierPipeline:
 
     def decide(self, view: RequestView, now: float = 0.0, *, cascade: bool = False) -> TierDecision:
         """The tier for a request that asked for ``auto`` (or a cascade route)."""
-        for r in self.rules:
+        for i, r in enumerate(self.rules):
             if r.matches(view):
-                return self._offset(TierDecision(r.tier, RULES, rule=r.name, cascade=cascade or r.cascade), view, now)
+                return self._offset(self._rule_decisions[i][cascade], view, now)
+        if self.mode == ClassifierMode.KILLED:
+            return self._offset(self._default_decisions[cascade], view, now)
         score = shadow = err = None
         if self.mode != ClassifierMode.KILLED:
             try:
