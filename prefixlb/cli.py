@@ -135,13 +135,16 @@ def _cmd_sim(args: argparse.Namespace) -> int:
     from prefixlb.sim.run import SimSettings, run, to_markdown
 
     policies = tuple(p.strip() for p in (args.policies or args.policy).split(",") if p.strip())
+    if args.admit_share < 0:
+        print(f"prefixlb sim: --admit-share: must be >= 0 (0: never hold), got {args.admit_share}", file=sys.stderr)
+        return 2
     s = SimSettings(workload=args.workload, requests=args.requests, replicas=args.replicas, policies=policies,
                     profile=args.profile, load=args.load, pressure=args.pressure,
                     kv_capacity_tokens=args.kv_capacity_tokens, index_capacity_tokens=args.index_capacity_tokens,
                     scrape_interval=args.scrape_interval, network_s=args.network_ms / 1e3,
                     observe_jitter_s=args.observe_jitter_ms / 1e3, time_scale=args.time_scale,
                     balancers=args.balancers, seed=args.seed, bounds=args.bounds,
-                    params=CostParams(prefill_tokens_per_s=args.prefill_prior),
+                    params=CostParams(prefill_tokens_per_s=args.prefill_prior, admit_share=args.admit_share),
                     bounds_requests=args.bounds_requests, progress=not args.no_progress)
     try:
         report = run(s, command=" ".join(["prefixlb", "sim", *args.argv]))
@@ -192,6 +195,9 @@ def _add_sim_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--time-scale", type=float, default=1.0,
                    help="replicas run this many times faster than the balancer's clock, as an emulated fleet with "
                         "--time-scale X (default 1: real hardware)")
+    p.add_argument("--admit-share", type=float, default=CostParams().admit_share, metavar="X",
+                   help="cache_aware's admission: hold a request while its replica has X x step_tokens of prompt "
+                        f"sent and not yet prefilled (default {CostParams().admit_share:g}; 0: never hold)")
     p.add_argument("--prefill-prior", type=float, default=CostParams().prefill_tokens_per_s, metavar="TOKENS_PER_S",
                    help="the balancer's prior prefill rate per replica, as tiers[].cost.prefill_tokens_per_s "
                         f"(default {CostParams().prefill_tokens_per_s:g}); the rate it learns is reported")

@@ -11,7 +11,8 @@ tiers:                            # cheapest first
     model: llama-3.1-8b           # the model name the replicas serve
     price: {input_per_mtok: 0.18, output_per_mtok: 0.18}
     replicas: [http://127.0.0.1:9001, {url: http://127.0.0.1:9002, capacity_tokens: 400000}]
-    cost: {prefill_tokens_per_s: 12000, fixed_ms: 15, context_weight: 0.001, step_tokens: 8192}
+    cost: {prefill_tokens_per_s: 12000, fixed_ms: 15, context_weight: 0.001, step_tokens: 8192,
+           admit_share: 0.75, admit_max_wait_s: 2}   # admission: see TierRouter.admits
   - name: large                   # precise mode: the index follows vLLM's KV-cache events
     precise: {tokenizer: /models/llama-3.1-70b, block_size: 16}
     replicas:
@@ -79,6 +80,9 @@ class CostConfig:
     fixed_ms: float = 10.0
     context_weight: float = 1e-3  # prefill-token equivalents per context token per step
     step_tokens: int = 8192
+    admit_share: float = 0.75  # admission: hold requests while their replica has this share of
+    # step_tokens sent and not yet prefilled (0: never hold)
+    admit_max_wait_s: float = 2.0  # the longest a request is held before it goes anyway
 
 
 @dataclass(frozen=True)
@@ -297,7 +301,8 @@ def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
         seen.add(r.url)
     price = _keys(m.get("price"), f"{path}.price", ("input_per_mtok", "output_per_mtok"))
     cost = _keys(m.get("cost"), f"{path}.cost",
-                 ("prefill_tokens_per_s", "fixed_ms", "context_weight", "step_tokens"))
+                 ("prefill_tokens_per_s", "fixed_ms", "context_weight", "step_tokens", "admit_share",
+                  "admit_max_wait_s"))
     cp = f"{path}.cost"
     return TierConfig(
         name=name,
@@ -310,6 +315,8 @@ def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
             fixed_ms=_num(cost, "fixed_ms", cp, 10.0, lo=0),
             context_weight=_num(cost, "context_weight", cp, 1e-3, lo=0, hi=1),
             step_tokens=_num(cost, "step_tokens", cp, 8192, lo=16, integer=True),
+            admit_share=_num(cost, "admit_share", cp, 0.75, lo=0, hi=64),
+            admit_max_wait_s=_num(cost, "admit_max_wait_s", cp, 2.0, lo=0, hi=3600),
         ),
         precise=_precise(m.get("precise"), f"{path}.precise"),
     )

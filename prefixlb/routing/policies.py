@@ -72,6 +72,9 @@ class Policy:
 
     name = "policy"
     key_blocks = 0  # > 0: the policy reads prefix_key (the hash of the first key_blocks blocks)
+    # hold requests at the balancer while their replica has much prefill outstanding
+    # (TierRouter.admits); the baselines dispatch at once, as the routers they stand for do
+    admission = False
 
     def __init__(self, rng: random.Random | None = None) -> None:
         self.rng = rng or random.Random(0)
@@ -111,6 +114,7 @@ _INV53 = 1.0 / (1 << 53)
 
 class CacheAware(Policy):
     name = "cache_aware"
+    admission = True
     # ties are broken by the prompt's first blocks, not a random draw: every balancer instance
     # (and every worker process) breaks a tie the same way, so a cold prefix lands on the same
     # replica whichever instance routed it, and different prefixes still spread uniformly

@@ -57,6 +57,7 @@ class Decision:
     backlog_end: float = 0.0
     work_at_dispatch: float = 0.0  # token-equivalents ahead of the first token (the TTFT model's x)
     queued_at_dispatch: float = 0.0  # of which prefill queued ahead (the model's estimate)
+    pending: float = 0.0  # tokens this request holds in its replica's pending_prefill (admission)
     first_token_at: float | None = None
     closed: bool = False
     inserted: bool = False
@@ -114,6 +115,9 @@ class TierRouter:
         # peer sync: called as observer(kind, decision, now) after each hook on a local decision,
         # kind in "dispatched", "first_token", "finished", "failed"
         self.observer = None
+        # admission: called (no arguments) when a replica's pending prefill went down, so callers
+        # holding requests (TierRouter.admits) can try them again
+        self.room_listener = None
 
     def enable_precise(self, block_tokens: int, grace: float = 1.0) -> EventIndex:
         """Precise mode: prompts arrive as token ids (4 bytes each) and the index follows the
@@ -241,6 +245,8 @@ class TierRouter:
         now = self.clock() if now is None else now
         if self.events is not None:
             self.events.expire(now)
+        if self.room_listener is not None:  # a replica that came back, a wait that timed out
+            self.room_listener()
         per = self.index.stats()["per_replica"]
         for r in self._ordered:
             r.relax(now)
@@ -262,12 +268,47 @@ class TierRouter:
         rho = min(self.utilisation(now), 0.95)
         return rho / (1.0 - rho)
 
+    # -- admission ----------------------------------------------------------------------------
+
+    def admits(self, d: Decision) -> bool:
+        """May ``d`` be sent now? False while its replica already has ``params.admit_tokens`` of
+        prompt tokens sent and not yet prefilled (or would have, with this request's uncached
+        tokens; a request larger than the budget goes when nothing is pending).
+
+        A vLLM replica runs every waiting prompt in its next step, so a request sent to a replica
+        with much prefill outstanding waits for all of it and is then batched with whatever else
+        arrived. Held at the balancer instead, it is decided again when any replica's prefill
+        comes back (``room_listener``) and goes to whichever replica then serves it best -- often
+        the same one, a little later, in a smaller step. Only requests whose first byte the
+        caller will report (``dispatched(..., track_prefill=True)``) count as pending, and only
+        policies with ``admission`` (cache_aware; the baselines dispatch at once) hold.
+        """
+        budget = self.params.admit_tokens
+        if budget <= 0.0 or not self.policy.admission:
+            return True
+        pending = d.replica.pending_prefill
+        return pending <= 0.0 or pending + d.uncached_tokens <= budget
+
+    def _release_prefill(self, d: Decision) -> None:
+        if d.pending:
+            r = d.replica
+            r.pending_prefill = max(0.0, r.pending_prefill - d.pending)
+            d.pending = 0.0
+            if self.room_listener is not None:
+                self.room_listener()
+
     # -- hooks: the only writers of replica state and the index ------------------------------
 
-    def dispatched(self, d: Decision, now: float | None = None) -> None:
-        """The request was sent to ``d.replica``: it will hold the prompt's blocks."""
+    def dispatched(self, d: Decision, now: float | None = None, track_prefill: bool = True) -> None:
+        """The request was sent to ``d.replica``: it will hold the prompt's blocks.
+        ``track_prefill``: the caller will report its first byte (``first_token``), so its prefill
+        counts as pending on the replica until then (admission); False for a request whose first
+        byte cannot be seen (not streamed)."""
         now = self.clock() if now is None else now
         r = d.replica
+        if track_prefill and not d.remote and self.params.admit_tokens > 0.0 and self.policy.admission:
+            d.pending = max(1.0, d.uncached_tokens)
+            r.pending_prefill += d.pending
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)
         d.queued_at_dispatch = r.backlog(now)
         d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
@@ -319,6 +360,7 @@ class TierRouter:
         d.first_token_at = now
         r = d.replica
         r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
+        self._release_prefill(d)
         # Learn only from a request that had (by the model's own account) little prefill queued
         # ahead of it: its TTFT then measures the replica, not the model's queue estimate. Fed
         # every sample, the regression of TTFT on an estimated queue reads the queue's errors
@@ -344,6 +386,7 @@ class TierRouter:
             if self.events is not None and d.inserted:
                 self.events.settle(r.id, d.chain, now)
         r.on_finish(d.prompt_tokens, d.kv_tokens)
+        self._release_prefill(d)
         self.model.observe_duration(now - d.dispatched_at)
         if usage:
             self._learn_from_usage(d, usage, prompt_text_bytes)
@@ -358,6 +401,7 @@ class TierRouter:
         now = self.clock() if now is None else now
         d.closed = True
         d.replica.on_cancel(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
+        self._release_prefill(d)
         if self.events is not None:
             if d.inserted:  # unconfirmed blocks go at the next upkeep; confirmed ones stay
                 self.events.settle(d.replica.id, d.chain, now - self.events.grace)

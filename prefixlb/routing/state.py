@@ -80,6 +80,14 @@ class CostParams:
     forget: float = 0.99  # per-observation decay of the TTFT regression (~100 observations)
     learn_queue_share: float = 0.25  # learn from a TTFT only if the prefill queued ahead was at
     # most this share of the request's own uncached tokens (see TierRouter.first_token)
+    admit_share: float = 0.75  # admission: a request waits at the balancer while the replica it
+    # would go to has this share of step_tokens already sent and not yet prefilled (0: never)
+    admit_max_wait_s: float = 2.0  # a request waits for room at most this long, then goes anyway
+
+    @property
+    def admit_tokens(self) -> float:
+        """The admission budget in prompt tokens (0: admission off); see TierRouter.admits."""
+        return self.admit_share * self.step_tokens
 
 
 class _Regression:
@@ -197,6 +205,7 @@ class ReplicaState:
         "capacity_tokens",
         "capacity_scale",
         "observations",
+        "pending_prefill",
     )
 
     def __init__(self, replica_id: int, url: str = "", params: CostParams | None = None,
@@ -229,6 +238,7 @@ class ReplicaState:
         self.avg_prompt = 1024.0
         self.capacity_tokens: int | None = None
         self.capacity_scale = 1.0
+        self.pending_prefill = 0.0  # uncached tokens sent (streamed requests) whose first byte is not back
         self._sync()
 
     # -- the scoring slab ------------------------------------------------------------------

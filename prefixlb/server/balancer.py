@@ -24,6 +24,7 @@ import os
 import random
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,6 +86,15 @@ class Tier:
     encoder: object | None = None  # precise mode: CachedEncoder giving the replicas' prompt token ids
     remote_tokenize: bool = False  # precise mode without a local tokenizer: ask a replica's /tokenize
     block_size: int | None = None  # precise mode: vLLM's block size
+    # admission: requests held at the balancer, in arrival order (see Balancer._wait_for_room)
+    waiters: deque = field(default_factory=deque)
+
+    def wake(self) -> None:
+        """Room may have come back on a replica: let every held request decide again (their
+        futures resolve in arrival order, so the earliest decides first)."""
+        for w in self.waiters:
+            if not w.done():
+                w.set_result(None)
 
     def served_models(self) -> set[str]:
         names = {self.model} if self.model else set()
@@ -118,13 +128,15 @@ class Balancer:
         for i, t in enumerate(config.tiers):
             c = t.cost
             params = CostParams(prefill_tokens_per_s=c.prefill_tokens_per_s, fixed_s=c.fixed_ms / 1e3,
-                                context_weight=c.context_weight, step_tokens=c.step_tokens)
+                                context_weight=c.context_weight, step_tokens=c.step_tokens,
+                                admit_share=c.admit_share, admit_max_wait_s=c.admit_max_wait_s)
             policy_kw = {"pressure_weight": config.pressure_weight} if config.policy == "cache_aware" else {}
             rng = random.Random(config.seed + i)
             router = TierRouter(t.name, policy=make_policy(config.policy, rng, **policy_kw), params=params,
                                 block_bytes=config.block_bytes, bytes_per_token=config.bytes_per_token,
                                 seed=config.seed + i, clock=clock)
             tier = Tier(t.name, t.model, router, t.input_per_mtok, t.output_per_mtok)
+            router.room_listener = tier.wake
             if t.precise is not None:
                 router.enable_precise(t.precise.block_size, t.precise.speculative_grace_s)
                 if t.precise.tokenizer == "replica":
@@ -442,6 +454,7 @@ class Balancer:
                     "healthy": r.healthy, "available": s.available, "breaker": r.breaker.state,
                     "prefill_tokens_per_s": s.prefill_rate, "index_blocks": per.get(rid, {}).get("blocks", 0),
                     "index_evictions": per.get(rid, {}).get("evictions", 0),
+                    "pending_prefill_tokens": s.pending_prefill, "held": len(tier.waiters),
                 })
         return rows
 
@@ -601,6 +614,9 @@ class Balancer:
             now = self.clock()
             try:
                 d = router.decide(key, now, exclude=tried, max_tokens=out_tokens)
+                if not router.admits(d):
+                    d = await self._wait_for_room(tier, key, tried, out_tokens, d)
+                    now = self.clock()
             except NoReplicaAvailable as exc:
                 if last is not None:
                     raise last from None
@@ -613,7 +629,7 @@ class Balancer:
             attempts += 1
             self.metrics.decision_seconds.observe((tier.name,), d.decision_s)
             ub = self._upstream_body(req, body, model, replica, tier)
-            router.dispatched(d, now)
+            router.dispatched(d, now, track_prefill=stream)  # a streamed request's first byte is seen
             if prepared is not None and not prepared.complete:
                 self._finish_tokens(tier, d, prepared, key.seed)
             outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key)
@@ -623,6 +639,49 @@ class Balancer:
             self.metrics.retries.inc((tier.name, type(outcome).__name__))
         assert last is not None
         raise last
+
+    async def _wait_for_room(self, tier: Tier, key, tried: list[int], out_tokens, d: Decision) -> Decision:
+        """Hold a request the router does not admit yet (``TierRouter.admits``): decide again each
+        time a replica's prefill comes back, in arrival order, until a decision is admitted or
+        ``admit_max_wait_s`` has passed (then the latest decision goes anyway). A client that
+        leaves while held cancels this wait and has taken nothing."""
+        router = tier.router
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        deadline = t0 + router.params.admit_max_wait_s
+        fut = loop.create_future()
+        tier.waiters.append(fut)
+        outcome = "timeout"
+        try:
+            while True:
+                left = deadline - loop.time()
+                if left <= 0.0:
+                    break
+                try:
+                    await asyncio.wait_for(fut, left)
+                except asyncio.TimeoutError:
+                    break
+                d = router.decide(key, self.clock(), exclude=tried, max_tokens=out_tokens)
+                if router.admits(d):
+                    outcome = "admitted"
+                    break
+                # keep the place in line: a fresh future in the same slot
+                i = tier.waiters.index(fut)
+                fut = loop.create_future()
+                tier.waiters[i] = fut
+            return d
+        except asyncio.CancelledError:
+            outcome = "cancelled"
+            raise
+        finally:
+            try:
+                tier.waiters.remove(fut)
+            except ValueError:
+                pass
+            if not fut.done():
+                fut.cancel()
+            self.metrics.admission_waits.inc((tier.name, outcome))
+            self.metrics.admission_wait_seconds.observe((tier.name,), loop.time() - t0)
 
     async def _attempt(self, req, tier: Tier, replica: Replica, d: Decision, headers, ub: bytes, stream: bool,
                        started: float, key: PromptKey) -> errors.PrefixlbError | None:

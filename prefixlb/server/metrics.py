@@ -111,9 +111,15 @@ class BalancerMetrics:
                             "(restart, unrepairable gap, cache reset)", ("tier", "replica"), "counter")
         self.precise_fallbacks = f("prefixlb_precise_fallbacks", "Requests routed on text because tokenizing "
                                    "them as the replica would failed", ("tier",), "counter")
+        self.admission_waits = f("prefixlb_admission_waits", "Requests held at the balancer because their replica "
+                                 "had its admission budget of prefill outstanding, by how the wait ended (admitted, "
+                                 "timeout, cancelled)", ("tier", "outcome"), "counter")
+        self.admission_wait_seconds = f("prefixlb_admission_wait_seconds", "Time requests were held at the balancer "
+                                        "(admission)", ("tier",), "histogram", TTFT_BUCKETS)
         self._families = [self.kv_events, self.kv_resyncs, self.precise_fallbacks, self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,
                           self.predicted_cached, self.actual_cached, self.prompt_tokens, self.completion_tokens,
-                          self.retries, self.stream_errors, self.client_disconnects, self.cost]
+                          self.retries, self.stream_errors, self.client_disconnects, self.cost,
+                          self.admission_waits, self.admission_wait_seconds]
         # tier routing (prefixlb.server.tiering); its gauges (drift, feedback accuracy) come from
         # ``extra`` collectors, read at scrape time like the replica state
         self.tier_decisions = f("prefixlb_tier_decisions", "Tier decisions, by tier and the pipeline step that made "
@@ -162,6 +168,8 @@ def _state_families(rows: list[dict]):
     breaker = g("prefixlb_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open")
     rate = g("prefixlb_prefill_rate_tokens_per_second", "Learned prefill rate")
     blocks = g("prefixlb_index_blocks", "Index blocks believed held")
+    pending = g("prefixlb_pending_prefill_tokens", "Uncached prompt tokens sent and not yet prefilled (admission)")
+    held = GaugeMetricFamily("prefixlb_admission_held_requests", "Requests held at the balancer now", labels=["tier"])
     evictions = CounterMetricFamily("prefixlb_index_evictions", "Index evictions so far", labels=["tier", "replica"])
     code = {"closed": 0, "half_open": 1, "open": 2}
     for row in rows:
@@ -174,4 +182,7 @@ def _state_families(rows: list[dict]):
         rate.add_metric(lab, row["prefill_tokens_per_s"])
         blocks.add_metric(lab, row["index_blocks"])
         evictions.add_metric(lab, row["index_evictions"])
-    return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions]
+        pending.add_metric(lab, row.get("pending_prefill_tokens", 0.0))
+    for tier in dict.fromkeys(row["tier"] for row in rows):
+        held.add_metric([tier], next(row.get("held", 0) for row in rows if row["tier"] == tier))
+    return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions, pending, held]

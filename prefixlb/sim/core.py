@@ -28,6 +28,7 @@ import math
 import random
 import time
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -158,6 +159,18 @@ class SimResult:
         }
 
 
+@dataclass(slots=True)
+class _Held:
+    """A request the balancer holds (admission): what deciding it again needs."""
+
+    index: int  # arrival index
+    spec: RequestSpec
+    key: object  # its PromptKey
+    max_tokens: int
+    router: TierRouter
+    since: float  # when it arrived (replica clock)
+
+
 class _ChainHasher(BlockHasher):
     """The engine's ``fast`` block hashes through :func:`prefixlb.index.block_hashes`: the same
     XXH64 chain (hashing.py: "the same chain as prefixlb.index.block_hashes over the ids' bytes"),
@@ -230,6 +243,7 @@ class Simulation:
         self._pending: list[list] = [[] for _ in range(c.replicas)]  # outputs of each replica's step in flight
         # request id -> (decision, arrival index, arrival time, prompt text bytes, its balancer)
         self._inflight: dict[str, tuple[Decision, int, float, int | None, TierRouter]] = {}
+        self._held: deque[_Held] = deque()  # requests waiting at the balancer (admission)
         # per request, when asked: the replica that served it, and its prompt / cached tokens
         self.replica_of = array("i") if record_replicas else None
         self.cached_of = array("i") if record_replicas else None
@@ -309,7 +323,9 @@ class Simulation:
             elif code == _MAINTAIN:
                 for router in routers:
                     router.maintain(t / scale)
-                if self._inflight or nxt is not None:
+                if self._held:
+                    self._retry_held()
+                if self._inflight or self._held or nxt is not None:
                     self._at(t + maintain_every, _MAINTAIN)
             else:
                 r = _SCRAPE0 - code
@@ -348,21 +364,46 @@ class Simulation:
         self.arrived += 1
         self.ttft.append(math.nan)
         self.e2e.append(math.nan)
+        if self.replica_of is not None:
+            self.replica_of.append(-1)
+            self.cached_of.append(-1)
+            self.prompt_of.append(-1)
+        router = self.routers[i % len(self.routers)]
+        key = prompt_key(spec.body, spec.chat)
+        held = _Held(i, spec, key, int(spec.body.get("max_tokens") or 16), router, self.now)
+        if not self._try(held):
+            self._held.append(held)
+
+    def _try(self, h: _Held) -> bool:
+        """Decide for a request (again, if it was held); send it if its replica admits it (or it
+        has waited ``admit_max_wait_s``), as the server does. False: it stays held."""
+        now = self.now
+        scale = self.cfg.time_scale
+        router = h.router
+        d = router.decide(h.key, now / scale, max_tokens=h.max_tokens)
+        if not router.admits(d) and now - h.since < router.params.admit_max_wait_s * scale:
+            return False
+        self._send(h, d)
+        return True
+
+    def _retry_held(self) -> None:
+        """Room may have come back: try the held requests again, in arrival order."""
+        held, self._held = self._held, deque()
+        for h in held:
+            if not self._try(h):
+                self._held.append(h)
+
+    def _send(self, h: _Held, d: Decision) -> None:
+        i, spec, key, max_tokens, router = h.index, h.spec, h.key, h.max_tokens, h.router
         now = self.now
         scale = self.cfg.time_scale
         body = spec.body
         chat = spec.chat
-        max_tokens = int(body.get("max_tokens") or 16)
-        router = self.routers[i % len(self.routers)]
-        key = prompt_key(body, chat)
-        d = router.decide(key, now / scale, max_tokens=max_tokens)
         router.dispatched(d, now / scale)
         r = d.replica.id
         self.per_replica[r] += 1
         if self.replica_of is not None:
-            self.replica_of.append(r)
-            self.cached_of.append(-1)
-            self.prompt_of.append(-1)
+            self.replica_of[i] = r
         rid = f"s{i}"
         t_replica = now + self.cfg.network_s
         try:
@@ -390,6 +431,7 @@ class Simulation:
     def _step_done(self, r: int, now: float) -> int:
         """Replica ``r``'s step (if any) ended at ``now``: deliver its outputs, start the next."""
         finished = 0
+        room = False
         outs = self._pending[r]
         if outs:
             net = self.cfg.network_s
@@ -406,6 +448,7 @@ class Simulation:
                     self.ttft[i] = (t_client - arrival) * 1e3
                     seen = t_client + (self._jitter.expovariate(1.0 / jit) if jit else 0.0)
                     router.first_token(d, seen / scale)
+                    room = True
                 if out.finished:
                     del inflight[out.request_id]
                     self.e2e[i] = (t_client - arrival) * 1e3
@@ -436,6 +479,14 @@ class Simulation:
             if self.check_kv_every and self.steps % self.check_kv_every == 0:
                 e.kv.check_invariants()  # used + free blocks == the replica's capacity, and more
                 self.kv_checks += 1
+        if outs and room and self._held:
+            # the balancer learns of the room one hop after the step ended and its requests take
+            # another hop: the replica has begun its next step, they join the one after
+            saved, self.now = self.now, now + self.cfg.network_s
+            try:
+                self._retry_held()
+            finally:
+                self.now = saved
         return finished
 
 

@@ -108,6 +108,85 @@ def test_accounting_returns_to_zero_whatever_the_outcomes(events):
             t.failed(d, 1.0)
     assert all(r.inflight == 0 for r in t.replicas.values())
     assert all(r.backlog(1e6) == 0 for r in t.replicas.values())
+    assert all(r.pending_prefill == 0 for r in t.replicas.values())  # admission's count too
+
+
+# -- admission: hold a request while its replica has much prefill outstanding -------------------
+
+
+def test_admission_holds_a_request_behind_a_full_prefill_budget_and_wakes_on_the_first_byte():
+    t = router(1)  # one replica: every request goes there
+    budget = PARAMS.admit_tokens
+    assert budget == 0.75 * PARAMS.step_tokens
+    woken = []
+    t.room_listener = lambda: woken.append(1)
+    big = chat("x" * int(4 * budget * 0.7), "q")  # ~70% of the budget, uncached
+    d1 = t.decide(big, 0.0)
+    assert t.admits(d1)  # nothing pending: always admitted, whatever its size
+    t.dispatched(d1, 0.0)
+    assert t.replicas[0].pending_prefill == pytest.approx(d1.uncached_tokens)
+    d2 = t.decide(chat("y" * int(4 * budget * 0.7), "q"), 0.0)
+    assert not t.admits(d2)  # 70% + 70% of the budget would be outstanding
+    small = t.decide(chat("z" * 400, "q"), 0.0)
+    assert t.admits(small)  # a small one still fits beside the first
+    t.first_token(d1, 0.3)
+    assert t.replicas[0].pending_prefill == 0 and woken == [1]
+    assert t.admits(t.decide(chat("y" * int(4 * budget * 0.7), "q"), 0.3))
+    t.finished(d1, 0.5)
+    assert woken == [1]  # its pending prefill was already released
+
+
+def test_admission_counts_only_requests_whose_first_byte_will_be_seen():
+    t = router(1)
+    d = t.decide(chat("x" * 30_000, "q"), 0.0)
+    t.dispatched(d, 0.0, track_prefill=False)  # not streamed: the balancer never sees its first byte
+    assert t.replicas[0].pending_prefill == 0
+    assert t.admits(t.decide(chat("y" * 30_000, "q"), 0.0))
+
+
+@pytest.mark.parametrize("policy", ["round_robin", "least_loaded", "consistent_hash", "sglang_like"])
+def test_baselines_never_hold(policy):
+    t = router(1, policy=policy)
+    for k in range(3):
+        d = t.decide(chat(f"{k}" * 40_000, "q"), 0.0)
+        assert t.admits(d)
+        t.dispatched(d, 0.0)
+    assert t.replicas[0].pending_prefill == 0
+
+
+def test_admission_off():
+    t = TierRouter("t", params=CostParams(admit_share=0.0), seed=7, clock=lambda: 0.0)
+    t.add_replica(0, "http://r0")
+    for k in range(3):
+        d = t.decide(chat(f"{k}" * 40_000, "q"), 0.0)
+        assert t.admits(d)
+        t.dispatched(d, 0.0)
+    assert t.replicas[0].pending_prefill == 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 7), st.sampled_from(["first", "finish", "fail", "both"]), st.booleans()),
+                min_size=1, max_size=40))
+def test_pending_prefill_is_the_sum_over_open_streamed_requests(events):
+    """Invariant: a replica's pending prefill is exactly the uncached tokens of its dispatched,
+    streamed requests whose first byte has not come back and that have not ended."""
+    t = router(3)
+    open_ = []
+    for k, how, stream in events:
+        d = t.decide(chat(SYS[k], f"q{len(open_)}"), 0.0)
+        t.dispatched(d, 0.0, track_prefill=stream)
+        open_.append((d, how, stream))
+    for i, (d, how, _) in enumerate(open_):
+        if how in ("first", "both"):
+            t.first_token(d, 0.1)
+        if how in ("finish", "both"):
+            t.finished(d, 0.2)
+        elif how == "fail":
+            t.failed(d, 0.2)
+        for r in t.replicas.values():
+            want = sum(max(1.0, x.uncached_tokens) for x, h, st_ in open_[i + 1:] + [(d, how, _)]
+                       if st_ and x.replica is r and not (x.first_token_at is not None or x.closed))
+            assert r.pending_prefill == pytest.approx(want)
+            assert r.pending_prefill >= 0
 
 
 def test_failed_dispatch_takes_back_the_blocks_it_inserted():

@@ -48,6 +48,8 @@ def test_design_example_parses(tmp_path):
         ({"listen": {"port": "80"}}, "listen.port"),
         ({"retries": {"max_attempts": 0}}, "retries.max_attempts"),
         ({"tiers": [{"name": "a", "replicas": ["http://x:1"], "cost": {"prefill_tokens_per_s": -1}}]}, "tiers[0].cost.prefill_tokens_per_s"),
+        ({"tiers": [{"name": "a", "replicas": ["http://x:1"], "cost": {"admit_share": -0.5}}]}, "tiers[0].cost.admit_share"),
+        ({"tiers": [{"name": "a", "replicas": ["http://x:1"], "cost": {"admit_max_wait_s": "2"}}]}, "tiers[0].cost.admit_max_wait_s"),
         ({"health": {"interval": 3}}, "health.interval"),
     ],
 )

@@ -13,7 +13,7 @@ from prefixlb.config import config_from_flags
 from prefixlb.emulator.fleet import EmulatedFleet
 from prefixlb.server import Balancer
 
-from .support import run, wait_for
+from .support import metric, run, wait_for
 
 SYSTEMS = [f"You are assistant number {k}. Follow the house style guide section {k}. " * 30 for k in range(8)]
 
@@ -123,3 +123,69 @@ def test_the_openai_client_works_through_the_balancer():
                 await b.stop()
 
     run(main(), timeout=120)
+
+
+async def _stream(s, base, text, timeout=None):
+    body = {"model": "auto", "messages": [{"role": "user", "content": text}], "max_tokens": 4, "stream": True}
+    async with s.post(base + "/v1/chat/completions", json=body,
+                      timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        assert r.status == 200, await r.text()
+        return await r.read()
+
+
+async def _waits(s, base, outcome):
+    async with s.get(base + "/metrics") as r:
+        text = await r.text()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("prefixlb_admission_waits_total{") and f'outcome="{outcome}"' in line)
+
+
+def _admission_config(urls, share, max_wait):
+    cfg = config_from_flags(urls, port=0)
+    t = cfg.tiers[0]
+    t = dataclasses.replace(t, cost=dataclasses.replace(t.cost, admit_share=share, admit_max_wait_s=max_wait))
+    return dataclasses.replace(cfg, tiers=(t,), health_interval_s=0.2, scrape_interval_s=0.1,
+                               admin_token="secret-token")
+
+
+def test_admission_holds_requests_at_the_balancer_and_releases_them_as_prefills_come_back():
+    """Streamed requests beyond the replica's budget of outstanding prefill wait at the balancer
+    and go as first bytes come back; every one is answered, a client that leaves while held
+    takes nothing with it, a wait past admit_max_wait_s goes anyway, and the gauges return to 0."""
+    async def main():
+        async with EmulatedFleet(replicas=1, profile="h100-llama3-8b", time_scale=1) as fleet:
+            b = Balancer(_admission_config(fleet.urls, 0.1, 30.0))  # 819 tokens outstanding at most
+            await b.start()
+            base = f"http://127.0.0.1:{b.port}"
+            try:
+                async with aiohttp.ClientSession() as s:
+                    texts = [f"<{k}> " + "lorem ipsum dolor sit amet " * 90 for k in range(8)]  # ~600 tokens
+                    await asyncio.gather(*(_stream(s, base, t) for t in texts))
+                    assert await _waits(s, base, "admitted") >= 3
+                    # one long prefill outstanding; a second long one is held, and its client leaves
+                    long = asyncio.ensure_future(_stream(s, base, "<L> " + "lorem ipsum " * 3000))
+                    await asyncio.sleep(0.02)
+                    with pytest.raises(asyncio.TimeoutError):
+                        await _stream(s, base, "<M> " + "lorem ipsum " * 3000, timeout=0.05)
+                    await long
+                    assert await wait_for(lambda: b.tiers["default"].waiters == collections.deque())
+                    assert await _waits(s, base, "cancelled") >= 1
+                    state = b.tiers["default"].router.replicas
+                    assert await wait_for(lambda: all(r.inflight == 0 and r.pending_prefill == 0
+                                                      for r in state.values()))
+                    assert await metric(s, base, "prefixlb_pending_prefill_tokens") == 0
+                    assert await metric(s, base, "prefixlb_admission_held_requests") == 0
+            finally:
+                await b.stop()
+            # a wait longer than admit_max_wait_s: the request goes anyway
+            b = Balancer(_admission_config(fleet.urls, 0.01, 0.01))
+            await b.start()
+            base = f"http://127.0.0.1:{b.port}"
+            try:
+                async with aiohttp.ClientSession() as s:
+                    await asyncio.gather(*(_stream(s, base, f"<T{k}> " + "lorem ipsum " * 2000) for k in range(3)))
+                    assert await _waits(s, base, "timeout") >= 1
+            finally:
+                await b.stop()
+
+    run(main(), timeout=60)

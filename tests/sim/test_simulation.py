@@ -137,3 +137,37 @@ def test_summary_has_the_live_benchmarks_metrics():
               "busiest_replica_share", "e2e_p50_ms", "ttft_mean_ms"):
         assert k in s, k
     assert 0 < s["hit_rate"] < 1 and s["ttft_p50_ms"] <= s["ttft_p90_ms"] <= s["ttft_p99_ms"]
+
+
+def test_admission_holds_requests_within_the_budget_and_every_one_finishes():
+    """cache_aware's admission in the simulator, as in the server: a request whose replica has
+    its budget of prefill outstanding waits at the balancer; when it goes, the replica's pending
+    prefill is within the budget (or it is the only one), and nothing is lost or left behind."""
+    from prefixlb.routing import CostParams
+
+    params = CostParams(admit_share=0.02, admit_max_wait_s=60.0)  # 164 tokens: one query at a time
+    sim = Simulation(specs(300, rate=80.0), cfg(params=params))
+    budget = params.admit_tokens
+    seen = {"held": 0, "sent": 0}
+    send, retry = sim._send, sim._retry_held
+
+    def checked_send(h, d):
+        send(h, d)
+        seen["sent"] += 1
+        r = d.replica
+        assert r.pending_prefill <= budget + 1e-6 or r.pending_prefill == pytest.approx(d.pending)
+
+    def counted_retry():
+        seen["held"] = max(seen["held"], len(sim._held))
+        retry()
+
+    sim._send, sim._retry_held = checked_send, counted_retry
+    res = sim.run()
+    assert seen["sent"] == 300 and seen["held"] >= 2  # requests were held, then all sent
+    assert res.errors == 0 and not any(math.isnan(x) for x in res.e2e_ms)
+    assert not sim._held and not sim._inflight
+    assert all(r.pending_prefill == 0 and r.inflight == 0 for r in sim.router.replicas.values())
+    # the budget off: nothing is ever held (the run is the immediate-dispatch one)
+    off = Simulation(specs(300, rate=80.0), cfg(params=CostParams(admit_share=0.0)))
+    off.run()
+    assert not off._held and all(r.pending_prefill == 0 for r in off.router.replicas.values())
