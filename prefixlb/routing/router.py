@@ -58,6 +58,7 @@ class Decision:
     work_at_dispatch: float = 0.0  # token-equivalents ahead of the first token (the TTFT model's x)
     queued_at_dispatch: float = 0.0  # of which prefill queued ahead (the model's estimate)
     pending: float = 0.0  # tokens this request holds in its replica's pending_prefill (admission)
+    held: bool = False  # waiting at the balancer for its replica (TierRouter.hold)
     first_token_at: float | None = None
     closed: bool = False
     inserted: bool = False
@@ -271,9 +272,10 @@ class TierRouter:
     # -- admission ----------------------------------------------------------------------------
 
     def admits(self, d: Decision) -> bool:
-        """May ``d`` be sent now? False while its replica already has ``params.admit_tokens`` of
-        prompt tokens sent and not yet prefilled (or would have, with this request's uncached
-        tokens; a request larger than the budget goes when nothing is pending).
+        """May ``d`` be sent now? False while its replica would have more than
+        ``params.admit_tokens`` of prompt tokens sent and not yet prefilled with this request's
+        uncached tokens added -- counted at most half the budget, so a long prompt goes once no
+        more than half the budget is outstanding.
 
         A vLLM replica runs every waiting prompt in its next step, so a request sent to a replica
         with much prefill outstanding waits for all of it and is then batched with whatever else
@@ -286,8 +288,26 @@ class TierRouter:
         budget = self.params.admit_tokens
         if budget <= 0.0 or not self.policy.admission:
             return True
-        pending = d.replica.pending_prefill
-        return pending <= 0.0 or pending + d.uncached_tokens <= budget
+        # a prompt counts at most half the budget: a long one goes once no more than half the
+        # budget is outstanding, rather than waiting for the replica to have nothing pending
+        # (serialising long prompts cost llm-d's shape its tail in the simulator)
+        return d.replica.pending_prefill + min(d.uncached_tokens, 0.5 * budget) <= budget
+
+    def hold(self, d: Decision, now: float | None = None) -> None:
+        """``d`` is not admitted and will wait at the balancer: count its prefill as queued on its
+        replica meanwhile (otherwise every held request keeps choosing a replica whose queue
+        the model cannot see, and a hot prefix is never replicated). Undo with ``unhold``."""
+        if d.held:
+            return
+        d.replica.on_hold(d.uncached_tokens, self.clock() if now is None else now)
+        d.held = True
+
+    def unhold(self, d: Decision, now: float | None = None) -> None:
+        """Before deciding a held request again, or when it stops waiting."""
+        if not d.held:
+            return
+        d.replica.on_unhold(d.uncached_tokens, self.clock() if now is None else now)
+        d.held = False
 
     def _release_prefill(self, d: Decision) -> None:
         if d.pending:

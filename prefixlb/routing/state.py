@@ -400,6 +400,22 @@ class ReplicaState:
         self._sync()
         return self._backlog
 
+    def on_hold(self, uncached_tokens: float, now: float) -> None:
+        """A request waits at the balancer for this replica (admission): its prefill counts as
+        queued here, so others see the queue they would join (and a hot prefix is replicated
+        when it grows) although nothing was sent yet."""
+        own = self._backlog - self._drained(now)
+        self._backlog = (own if own > 0.0 else 0.0) + uncached_tokens
+        self._backlog_t = now
+        self._sync()
+
+    def on_unhold(self, uncached_tokens: float, now: float) -> None:
+        """A held request is decided again (or leaves): take its queued prefill back."""
+        own = self._backlog - self._drained(now)
+        self._backlog = max(0.0, own - uncached_tokens)
+        self._backlog_t = now
+        self._sync()
+
     def on_prefill_done(self, end: float, dispatched_at: float, now: float) -> None:
         """Everything up to backlog position ``end`` (at ``dispatched_at``) has been prefilled."""
         own = self._backlog - self._drained(now)

@@ -651,6 +651,7 @@ class Balancer:
         deadline = t0 + router.params.admit_max_wait_s
         fut = loop.create_future()
         tier.waiters.append(fut)
+        router.hold(d, self.clock())
         outcome = "timeout"
         try:
             while True:
@@ -661,10 +662,13 @@ class Balancer:
                     await asyncio.wait_for(fut, left)
                 except asyncio.TimeoutError:
                     break
-                d = router.decide(key, self.clock(), exclude=tried, max_tokens=out_tokens)
+                now = self.clock()
+                router.unhold(d, now)
+                d = router.decide(key, now, exclude=tried, max_tokens=out_tokens)
                 if router.admits(d):
                     outcome = "admitted"
                     break
+                router.hold(d, now)
                 # keep the place in line: a fresh future in the same slot
                 i = tier.waiters.index(fut)
                 fut = loop.create_future()
@@ -674,6 +678,7 @@ class Balancer:
             outcome = "cancelled"
             raise
         finally:
+            router.unhold(d, self.clock())
             try:
                 tier.waiters.remove(fut)
             except ValueError:

@@ -169,6 +169,7 @@ class _Held:
     max_tokens: int
     router: TierRouter
     since: float  # when it arrived (replica clock)
+    decision: Decision | None = None  # the decision it waits on (TierRouter.hold)
 
 
 class _ChainHasher(BlockHasher):
@@ -380,8 +381,12 @@ class Simulation:
         now = self.now
         scale = self.cfg.time_scale
         router = h.router
+        if h.decision is not None:
+            router.unhold(h.decision, now / scale)
         d = router.decide(h.key, now / scale, max_tokens=h.max_tokens)
         if not router.admits(d) and now - h.since < router.params.admit_max_wait_s * scale:
+            router.hold(d, now / scale)
+            h.decision = d
             return False
         self._send(h, d)
         return True

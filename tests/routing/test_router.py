@@ -136,6 +136,33 @@ def test_admission_holds_a_request_behind_a_full_prefill_budget_and_wakes_on_the
     assert woken == [1]  # its pending prefill was already released
 
 
+def test_a_long_prompt_goes_once_half_the_budget_is_free():
+    t = router(1)
+    budget = PARAMS.admit_tokens
+    d1 = t.decide(chat("a" * int(4 * budget * 0.4), "q"), 0.0)
+    t.dispatched(d1, 0.0)  # 40% of the budget outstanding
+    long = t.decide(chat("b" * int(4 * budget * 2), "q"), 0.0)
+    assert long.uncached_tokens > budget and t.admits(long)  # counts as half: 0.4 + 0.5 <= 1
+    t.dispatched(long, 0.0)
+    assert not t.admits(t.decide(chat("c" * int(4 * budget * 2), "q"), 0.0))
+
+
+def test_a_held_request_counts_as_queued_on_its_replica_until_unheld():
+    """Held requests must show as queue: otherwise each keeps choosing the replica whose queue
+    the model cannot see, and a hot prefix is never replicated."""
+    t = router(2)
+    d = t.decide(chat(SYS[1], "q"), 0.0)
+    r = d.replica
+    before = r.backlog(0.0)
+    t.hold(d, 0.0)
+    t.hold(d, 0.0)  # idempotent
+    assert r.backlog(0.0) == pytest.approx(before + d.uncached_tokens)
+    assert r.inflight == 0 and r.pending_prefill == 0  # nothing was sent
+    t.unhold(d, 0.0)
+    t.unhold(d, 0.0)
+    assert r.backlog(0.0) == pytest.approx(before) and not d.held
+
+
 def test_admission_counts_only_requests_whose_first_byte_will_be_seen():
     t = router(1)
     d = t.decide(chat("x" * 30_000, "q"), 0.0)
