@@ -60,8 +60,10 @@ def test_study_reports_the_target_and_the_verdicts(mods):
     f, sg, t = r["ttft_floor_ms"], r["real"]["sglang_like"], r["target_ms"]
     assert t["p90"] == pytest.approx(f["p90"] + (sg["ttft_p90_ms"] - f["p90"]) / 2, abs=0.06)
     assert set(r["ideal"]) == set(ir.IDEAL_POLICIES) and set(r["real"]) == set(ir.REAL_POLICIES)
+    assert set(r["ideal_with_admission"]) == set(r["ideal"]["round_robin"])
     assert r["ideal_best_ms"]["p99"] == min(m["ttft_p99_ms"] for m in r["ideal"].values())
     assert r["ideal_best_ms"]["p90"] >= f["p90"] - 1.0  # no routing beats the floor (1 ms: network hops)
     md = ir.markdown({"command": "x", "date": "d", "wall_s": 1.0, "machine": {"cpu": "c"}, "seeds": 1,
                       "jitter_ms": 1.0, "workloads": [r]})
     assert "| tenants | pooled-ideal | least_loaded |" in md and "- tenants: pooled-ideal p90" in md
+    assert "| tenants | pooled-ideal | cache_aware (admission) |" in md
