@@ -43,12 +43,7 @@ from bounds import compute_bounds
 from prefixlb.loadgen import RequestSpec
 from prefixlb.sim.core import Simulation
 from prefixlb.sim.run import SimSettings, machine, plan
-from prefixlb.sim.workloads import (
-    WORKLOAD_NAMES,
-    SizedWorkload,
-    sized_workload,
-    workload_stream,
-)
+from prefixlb.sim.workloads import WORKLOAD_NAMES, bench_workload, workload_names
 
 RESULTS = Path(__file__).resolve().parent / "results"
 #: dispatch on arrival; ``cache_aware:no_admission`` is cache_aware with admission off
@@ -83,9 +78,8 @@ def _metrics(summary: dict) -> dict:
 def study(name: str, seeds: int, jitter_ms: float, scale: float = 1.0) -> dict:
     """The floor, the pooled-ideal fleet under each load-balancing policy, the real workload under
     cache_aware and sglang_like (mean over ``seeds``), and the target read against them."""
-    n = sum(1 for _ in workload_stream(name, seed=0, scale=scale))
-    w: SizedWorkload = sized_workload(name, n, stream=lambda: workload_stream(name, seed=0, scale=scale))
-    s = SimSettings(workload=name, requests=n, replicas=4, policies=REAL_POLICIES, progress=False, bounds="off")
+    w = bench_workload(name, scale)
+    s = SimSettings(workload=name, requests=w.requests, replicas=4, policies=REAL_POLICIES, progress=False, bounds="off")
     rate, base = plan(s, w)
     specs = list(w.at_rate(rate))
     b = compute_bounds(specs, profile=base.profile, replicas=base.replicas, kv_capacity_tokens=base.kv_capacity_tokens,
@@ -108,7 +102,7 @@ def study(name: str, seeds: int, jitter_ms: float, scale: float = 1.0) -> dict:
     sg = real["sglang_like"]
     target = {q: round(floor[q] + (sg[k] - floor[q]) / 2, 1) for q, k in QS if q != "p50"}
     return {
-        "workload": name, "requests": n, "rate_rps": round(rate, 3), "pooled_hit_rate": round(b.pooled_hit_rate, 4),
+        "workload": name, "requests": w.requests, "rate_rps": round(rate, 3), "pooled_hit_rate": round(b.pooled_hit_rate, 4),
         "mean_prompt_tokens": round(w.mean_prompt_tokens), "mean_pooled_miss_tokens": round(statistics.fmean(b.misses)),
         "ttft_floor_ms": floor, "ideal": ideal, "ideal_best_ms": best, "ideal_with_admission": ideal_admission,
         "real": real,
@@ -152,8 +146,8 @@ def markdown(report: dict) -> str:
         t = r["target_ms"]
         lines.append(f"| {r['workload']} | **target** | half sglang_like's distance | | | ≤ {t['p90']:.0f} | "
                      f"≤ {t['p99']:.0f} |")
-    lines += ["", "Verdicts (the best pooled-ideal policy that dispatches on arrival, i.e. replica choice alone, "
-              "at each percentile against the target):", ""]
+    lines += ["", ("Verdicts (the best pooled-ideal policy that dispatches on arrival, i.e. replica choice alone, "
+                   "at each percentile against the target):"), ""]
     for r in report["workloads"]:
         b, t = r["ideal_best_ms"], r["target_ms"]
         parts = [f"{q} {b[q]:.0f} vs ≤ {t[q]:.0f} ({'reachable' if r['ideal_meets_target'][q] else 'not reachable'})"
@@ -170,10 +164,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS / "ideal_routing.json")
     ap.add_argument("--markdown", type=Path, default=RESULTS / "ideal_routing.md")
     args = ap.parse_args(argv)
-    names = [x for x in args.workloads.split(",") if x]
-    for x in names:
-        if x not in WORKLOAD_NAMES:
-            ap.error(f"--workloads: unknown {x!r}; known: {', '.join(WORKLOAD_NAMES)}")
+    try:
+        names = workload_names(args.workloads)
+    except ValueError as exc:
+        ap.error(f"--workloads: {exc}")
     if args.seeds < 1:
         ap.error("--seeds: must be >= 1")
     t0 = time.time()

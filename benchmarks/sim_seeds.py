@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prefixlb.routing import CostParams
 from prefixlb.sim.run import SimSettings, machine, run
-from prefixlb.sim.workloads import WORKLOAD_NAMES, sized_workload, workload_stream
+from prefixlb.sim.workloads import bench_workload, workload_names
 
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("hit_rate", "ttft_p50_ms", "ttft_p90_ms", "ttft_p99_ms")
@@ -37,9 +37,8 @@ def run_one(name: str, policy: str, seed: int, jitter_ms: float) -> dict:
     params = CostParams()
     if policy.endswith(":learn_all"):
         policy, params = policy.split(":")[0], CostParams(learn_queue_share=float("inf"))
-    n = sum(1 for _ in workload_stream(name, seed=0, scale=1.0))
-    w = sized_workload(name, n, stream=lambda: workload_stream(name, seed=0, scale=1.0))
-    s = SimSettings(workload=name, requests=n, replicas=4, policies=(policy,), progress=False, bounds="off",
+    w = bench_workload(name)
+    s = SimSettings(workload=name, requests=w.requests, replicas=4, policies=(policy,), progress=False, bounds="off",
                     seed=seed, observe_jitter_s=jitter_ms / 1e3, params=params)
     return run(s, workload=w)["targets"][0]
 
@@ -53,10 +52,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=RESULTS / "sim_seeds.json")
     ap.add_argument("--markdown", type=Path, default=RESULTS / "sim_seeds.md")
     args = ap.parse_args(argv)
-    workloads = [w for w in args.workloads.split(",") if w]
-    for w in workloads:
-        if w not in WORKLOAD_NAMES:
-            ap.error(f"--workloads: unknown {w!r}; known: {', '.join(WORKLOAD_NAMES)}")
+    try:
+        workloads = workload_names(args.workloads)
+    except ValueError as exc:
+        ap.error(f"--workloads: {exc}")
     jitters = [float(j) for j in args.jitter_ms.split(",") if j]
     rows = []
     t0 = time.time()

@@ -98,6 +98,7 @@ class TierRouter:
         self.default_capacity_tokens = default_capacity_tokens
         self.rng = random.Random(seed)
         self.policy = policy if isinstance(policy, Policy) else make_policy(policy, self.rng)
+        self.admission = self.params.admit_tokens > 0.0 and self.policy.admission  # see admits()
         self.index = PrefixIndex(self._blocks_for_tokens(default_capacity_tokens))
         self.replicas: dict[int, ReplicaState] = {}
         self._ordered: list[ReplicaState] = []
@@ -285,9 +286,9 @@ class TierRouter:
         caller will report (``dispatched(..., track_prefill=True)``) count as pending, and only
         policies with ``admission`` (cache_aware; the baselines dispatch at once) hold.
         """
-        budget = self.params.admit_tokens
-        if budget <= 0.0 or not self.policy.admission:
+        if not self.admission:
             return True
+        budget = self.params.admit_tokens
         # a prompt counts at most half the budget: a long one goes once no more than half the
         # budget is outstanding, rather than waiting for the replica to have nothing pending
         # (serialising long prompts cost llm-d's shape its tail in the simulator)
@@ -299,14 +300,14 @@ class TierRouter:
         the model cannot see, and a hot prefix is never replicated). Undo with ``unhold``."""
         if d.held:
             return
-        d.replica.on_hold(d.uncached_tokens, self.clock() if now is None else now)
+        d.replica.queue_prefill(d.uncached_tokens, self.clock() if now is None else now)
         d.held = True
 
     def unhold(self, d: Decision, now: float | None = None) -> None:
         """Before deciding a held request again, or when it stops waiting."""
         if not d.held:
             return
-        d.replica.on_unhold(d.uncached_tokens, self.clock() if now is None else now)
+        d.replica.unqueue_prefill(d.uncached_tokens, self.clock() if now is None else now)
         d.held = False
 
     def _release_prefill(self, d: Decision) -> None:
@@ -326,7 +327,7 @@ class TierRouter:
         byte cannot be seen (not streamed)."""
         now = self.clock() if now is None else now
         r = d.replica
-        if track_prefill and not d.remote and self.params.admit_tokens > 0.0 and self.policy.admission:
+        if track_prefill and self.admission and not d.remote:
             d.pending = max(1.0, d.uncached_tokens)
             r.pending_prefill += d.pending
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)

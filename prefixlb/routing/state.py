@@ -387,34 +387,40 @@ class ReplicaState:
 
     # -- writing (called through the router's hooks) -----------------------------------------
 
-    def on_dispatch(self, uncached_tokens: float, prompt_tokens: float, now: float, kv_tokens: float = 0.0) -> float:
-        """Queue a request's prefill; returns its end position in the backlog (tokens)."""
+    def queue_prefill(self, uncached_tokens: float, now: float) -> float:
+        """Add a prefill to the modelled backlog; returns its end position there (tokens).
+        Admission's held requests are queued this way too (TierRouter.hold): nothing was sent,
+        but the queue others would join is real, and a hot prefix is replicated when it grows."""
+        end = self._queue(uncached_tokens, now)
+        self._sync()
+        return end
+
+    def unqueue_prefill(self, uncached_tokens: float, now: float) -> None:
+        """Take a prefill that will not run here back out of the modelled backlog."""
+        self._unqueue(uncached_tokens, now)
+        self._sync()
+
+    def _queue(self, uncached_tokens: float, now: float) -> float:
         own = self._backlog - self._drained(now)
         self._backlog = (own if own > 0.0 else 0.0) + uncached_tokens
         self._backlog_t = now
+        return self._backlog
+
+    def _unqueue(self, uncached_tokens: float, now: float) -> None:
+        own = self._backlog - self._drained(now)
+        self._backlog = max(0.0, own - uncached_tokens)
+        self._backlog_t = now
+
+    def on_dispatch(self, uncached_tokens: float, prompt_tokens: float, now: float, kv_tokens: float = 0.0) -> float:
+        """Queue a request's prefill; returns its end position in the backlog (tokens)."""
+        end = self._queue(uncached_tokens, now)  # synced below with the rest
         self.inflight += 1
         self.context += prompt_tokens
         self.kv_alloc += kv_tokens
         self.avg_uncached += 0.05 * (max(uncached_tokens, 1.0) - self.avg_uncached)
         self.avg_prompt += 0.05 * (max(prompt_tokens, 1.0) - self.avg_prompt)
         self._sync()
-        return self._backlog
-
-    def on_hold(self, uncached_tokens: float, now: float) -> None:
-        """A request waits at the balancer for this replica (admission): its prefill counts as
-        queued here, so others see the queue they would join (and a hot prefix is replicated
-        when it grows) although nothing was sent yet."""
-        own = self._backlog - self._drained(now)
-        self._backlog = (own if own > 0.0 else 0.0) + uncached_tokens
-        self._backlog_t = now
-        self._sync()
-
-    def on_unhold(self, uncached_tokens: float, now: float) -> None:
-        """A held request is decided again (or leaves): take its queued prefill back."""
-        own = self._backlog - self._drained(now)
-        self._backlog = max(0.0, own - uncached_tokens)
-        self._backlog_t = now
-        self._sync()
+        return end
 
     def on_prefill_done(self, end: float, dispatched_at: float, now: float) -> None:
         """Everything up to backlog position ``end`` (at ``dispatched_at``) has been prefilled."""
@@ -436,10 +442,8 @@ class ReplicaState:
 
     def on_cancel(self, uncached_tokens: float, prompt_tokens: float, now: float, kv_tokens: float = 0.0) -> None:
         """A dispatched request never reached the replica: take its work back."""
-        own = self._backlog - self._drained(now)
-        self._backlog = max(0.0, own - uncached_tokens)
-        self._backlog_t = now
-        self.on_finish(prompt_tokens, kv_tokens)
+        self._unqueue(uncached_tokens, now)
+        self.on_finish(prompt_tokens, kv_tokens)  # syncs
 
     def observe_ttft(self, x: float, ttft_s: float, now: float | None = None) -> None:
         """Learn from one observed TTFT: the tier's coefficients, and this replica's ratio to them.

@@ -282,18 +282,17 @@ class TierPipeline:
         if self.mode == ClassifierMode.KILLED:
             return self._offset(self._default_decisions[cascade], view, now)
         score = shadow = err = None
-        if self.mode != ClassifierMode.KILLED:
-            try:
-                tier, score = self.classifier.choose(view.prompt, self.tiers)  # type: ignore[union-attr]
-            except Exception as exc:  # noqa: BLE001 - a broken model must not take requests down
-                err = f"{type(exc).__name__}: {exc}"
+        try:
+            tier, score = self.classifier.choose(view.prompt, self.tiers)  # type: ignore[union-attr]
+        except Exception as exc:  # noqa: BLE001 - a broken model must not take requests down
+            err = f"{type(exc).__name__}: {exc}"
+        else:
+            if tier not in self._rank:
+                err = f"classifier chose unknown tier {tier!r}"
+            elif self.mode == ClassifierMode.ENABLED:
+                return self._offset(TierDecision(tier, CLASSIFIER, score=score, cascade=cascade), view, now)
             else:
-                if tier not in self._rank:
-                    err = f"classifier chose unknown tier {tier!r}"
-                elif self.mode == ClassifierMode.ENABLED:
-                    return self._offset(TierDecision(tier, CLASSIFIER, score=score, cascade=cascade), view, now)
-                else:
-                    shadow = tier
+                shadow = tier
         d = TierDecision(self.default_tier, DEFAULT, score=score, shadow_tier=shadow, cascade=cascade,
                          classifier_error=err)
         return self._offset(d, view, now)

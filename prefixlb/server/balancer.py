@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 from prefixlb import errors
 from prefixlb.config import Config, ConfigError, check_url
@@ -125,6 +126,7 @@ class Balancer:
         self._breaker = BreakerConfig(failure_threshold=config.breaker_failure_threshold,
                                       open_s=config.breaker_open_s)
         self.metrics = BalancerMetrics(self._state_rows)
+        self.metrics.extra.append(self._admission_gauges)
         for i, t in enumerate(config.tiers):
             c = t.cost
             params = CostParams(prefill_tokens_per_s=c.prefill_tokens_per_s, fixed_s=c.fixed_ms / 1e3,
@@ -454,9 +456,16 @@ class Balancer:
                     "healthy": r.healthy, "available": s.available, "breaker": r.breaker.state,
                     "prefill_tokens_per_s": s.prefill_rate, "index_blocks": per.get(rid, {}).get("blocks", 0),
                     "index_evictions": per.get(rid, {}).get("evictions", 0),
-                    "pending_prefill_tokens": s.pending_prefill, "held": len(tier.waiters),
+                    "pending_prefill_tokens": s.pending_prefill,
                 })
         return rows
+
+    def _admission_gauges(self) -> list:
+        g = GaugeMetricFamily("prefixlb_admission_held_requests", "Requests held at the balancer now (admission)",
+                              labels=["tier"])
+        for tier in self.tiers.values():
+            g.add_metric([tier.name], len(tier.waiters))
+        return [g]
 
     # -- HTTP entry point ------------------------------------------------------------------------------
 

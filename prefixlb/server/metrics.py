@@ -169,7 +169,6 @@ def _state_families(rows: list[dict]):
     rate = g("prefixlb_prefill_rate_tokens_per_second", "Learned prefill rate")
     blocks = g("prefixlb_index_blocks", "Index blocks believed held")
     pending = g("prefixlb_pending_prefill_tokens", "Uncached prompt tokens sent and not yet prefilled (admission)")
-    held = GaugeMetricFamily("prefixlb_admission_held_requests", "Requests held at the balancer now", labels=["tier"])
     evictions = CounterMetricFamily("prefixlb_index_evictions", "Index evictions so far", labels=["tier", "replica"])
     code = {"closed": 0, "half_open": 1, "open": 2}
     for row in rows:
@@ -182,7 +181,5 @@ def _state_families(rows: list[dict]):
         rate.add_metric(lab, row["prefill_tokens_per_s"])
         blocks.add_metric(lab, row["index_blocks"])
         evictions.add_metric(lab, row["index_evictions"])
-        pending.add_metric(lab, row.get("pending_prefill_tokens", 0.0))
-    for tier in dict.fromkeys(row["tier"] for row in rows):
-        held.add_metric([tier], next(row.get("held", 0) for row in rows if row["tier"] == tier))
-    return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions, pending, held]
+        pending.add_metric(lab, row["pending_prefill_tokens"])
+    return [inflight, backlog, healthy, available, breaker, rate, blocks, evictions, pending]

@@ -484,7 +484,7 @@ class Simulation:
             if self.check_kv_every and self.steps % self.check_kv_every == 0:
                 e.kv.check_invariants()  # used + free blocks == the replica's capacity, and more
                 self.kv_checks += 1
-        if outs and room and self._held:
+        if room and self._held:
             # the balancer learns of the room one hop after the step ended and its requests take
             # another hop: the replica has begun its next step, they join the one after
             saved, self.now = self.now, now + self.cfg.network_s

@@ -27,8 +27,8 @@ from prefixlb.loadgen import (
     iter_unique_workload,
 )
 
-__all__ = ["WORKLOAD_NAMES", "SizedWorkload", "fleet_kv", "prefill_capacity", "retimed", "sized_workload",
-           "workload_stream"]
+__all__ = ["WORKLOAD_NAMES", "SizedWorkload", "bench_workload", "fleet_kv", "prefill_capacity", "retimed",
+           "sized_workload", "workload_names", "workload_stream"]
 
 #: requests of each named workload at scale 1 (the runner's full benchmark; chat, agent and
 #: mixed draw their number of turns at random, so theirs is the expected count)
@@ -82,6 +82,22 @@ class SizedWorkload:
     def at_rate(self, rate: float) -> Iterator[RequestSpec]:
         """A fresh stream whose mean arrival rate is ``rate`` requests per second."""
         return retimed(self.make(), self.requests, self.span_s, rate)
+
+
+def workload_names(text: str) -> list[str]:
+    """A comma-separated list of workload names; ValueError names an unknown one."""
+    names = [x for x in text.split(",") if x]
+    for x in names:
+        if x not in BASE_REQUESTS:
+            raise ValueError(f"unknown workload {x!r}; known: {', '.join(WORKLOAD_NAMES)}")
+    return names
+
+
+def bench_workload(name: str, scale: float = 1.0) -> SizedWorkload:
+    """``prefixlb bench``'s workload ``name`` at ``scale`` (seed 0), every request of it, surveyed
+    (what the simulator-side benchmarks compare with the live runs)."""
+    n = sum(1 for _ in workload_stream(name, seed=0, scale=scale))
+    return sized_workload(name, n, stream=lambda: workload_stream(name, seed=0, scale=scale))
 
 
 def sized_workload(name: str, requests: int, *, seed: int = 0, model: str = "auto",

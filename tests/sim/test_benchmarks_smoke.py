@@ -3,23 +3,14 @@ are the benchmarks' job; this only keeps their code from rotting)."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from . import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def bench_modules():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_sim
-        import sim_questions
-    finally:
-        sys.path.remove(str(BENCH))
-    return bench_sim, sim_questions
+    return benchmark_modules("bench_sim", "sim_questions")
 
 
 def test_bench_sim_runs_and_reports(bench_modules):

@@ -3,26 +3,17 @@ exactly what the pooled cache missed, nothing can hit), and the study runs at a 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
 from prefixlb.loadgen import tenant_workload
 from prefixlb.sim.core import SimConfig, Simulation
 
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+from . import benchmark_modules
 
 
 @pytest.fixture(scope="module")
 def mods():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bounds
-        import ideal_routing
-    finally:
-        sys.path.remove(str(BENCH))
-    return bounds, ideal_routing
+    return benchmark_modules("bounds", "ideal_routing")
 
 
 def test_pooled_misses_add_up_to_the_pooled_hit_rate(mods):
