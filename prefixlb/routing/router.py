@@ -117,8 +117,9 @@ class TierRouter:
         # peer sync: called as observer(kind, decision, now) after each hook on a local decision,
         # kind in "dispatched", "first_token", "finished", "failed"
         self.observer = None
-        # admission: called (no arguments) when a replica's pending prefill went down, so callers
-        # holding requests (TierRouter.admits) can try them again
+        # admission: called as room_listener(full) when a replica's pending prefill went down
+        # (full=False) and on each upkeep tick (full=True: a replica that came back, a wait that
+        # timed out), so callers holding requests (prefixlb.routing.admission) try them again
         self.room_listener = None
 
     def enable_precise(self, block_tokens: int, grace: float = 1.0) -> EventIndex:
@@ -248,7 +249,7 @@ class TierRouter:
         if self.events is not None:
             self.events.expire(now)
         if self.room_listener is not None:  # a replica that came back, a wait that timed out
-            self.room_listener()
+            self.room_listener(True)
         per = self.index.stats()["per_replica"]
         for r in self._ordered:
             r.relax(now)
@@ -310,13 +311,26 @@ class TierRouter:
         d.replica.unqueue_prefill(d.uncached_tokens, self.clock() if now is None else now)
         d.held = False
 
+    def reserve(self, d: Decision) -> None:
+        """``d`` was admitted and will be sent in a moment (the server's held request resumes on
+        its own task): count its prefill as pending now, so what is decided before it is sent
+        sees it. ``dispatched`` keeps the reservation; ``release`` returns it if ``d`` is not sent."""
+        if self.admission and not d.pending and not d.remote:
+            d.pending = max(1.0, d.uncached_tokens)
+            d.replica.pending_prefill += d.pending
+
+    def release(self, d: Decision) -> None:
+        """Undo ``reserve`` for a decision that was not sent after all."""
+        if d.dispatched_at is None:
+            self._release_prefill(d)
+
     def _release_prefill(self, d: Decision) -> None:
         if d.pending:
             r = d.replica
             r.pending_prefill = max(0.0, r.pending_prefill - d.pending)
             d.pending = 0.0
             if self.room_listener is not None:
-                self.room_listener()
+                self.room_listener(False)
 
     # -- hooks: the only writers of replica state and the index ------------------------------
 
@@ -327,7 +341,9 @@ class TierRouter:
         byte cannot be seen (not streamed)."""
         now = self.clock() if now is None else now
         r = d.replica
-        if track_prefill and self.admission and not d.remote:
+        if not track_prefill:
+            self._release_prefill(d)  # a reservation (``reserve``) its first byte would never return
+        elif self.admission and not d.pending and not d.remote:
             d.pending = max(1.0, d.uncached_tokens)
             r.pending_prefill += d.pending
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)

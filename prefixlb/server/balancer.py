@@ -24,7 +24,6 @@ import os
 import random
 import time
 from array import array
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -42,6 +41,7 @@ from prefixlb.fleet.monitor import FleetMonitor, fetch_json, fetch_models
 from prefixlb.fleet.replica import Replica
 from prefixlb.routing import CostParams, NoReplicaAvailable, PromptError, TierRouter, make_policy, prompt_key
 from prefixlb.routing import token_key
+from prefixlb.routing.admission import AdmissionQueue, Held
 from prefixlb.routing.prompt import PromptKey
 from prefixlb.routing.router import Decision
 
@@ -87,15 +87,38 @@ class Tier:
     encoder: object | None = None  # precise mode: CachedEncoder giving the replicas' prompt token ids
     remote_tokenize: bool = False  # precise mode without a local tokenizer: ask a replica's /tokenize
     block_size: int | None = None  # precise mode: vLLM's block size
-    # admission: requests held at the balancer, in arrival order (see Balancer._wait_for_room)
-    waiters: deque = field(default_factory=deque)
+    # admission: requests held at the balancer, in arrival order (Balancer._wait_for_room); a
+    # pass over them is scheduled when room may have come back (None: none scheduled)
+    held: AdmissionQueue = field(init=False)
+    _pass: bool | None = field(default=None, init=False)
 
-    def wake(self) -> None:
-        """Room may have come back on a replica: let every held request decide again (their
-        futures resolve in arrival order, so the earliest decides first)."""
-        for w in self.waiters:
-            if not w.done():
-                w.set_result(None)
+    def __post_init__(self) -> None:
+        self.held = AdmissionQueue(self.router)
+
+    def wake(self, full: bool) -> None:
+        """The router's ``room_listener``: room may have come back on a replica. One pass over the
+        held requests runs soon after, on the loop; the first bytes that arrive meanwhile share it."""
+        if not self.held:
+            return
+        if self._pass is None:
+            self._pass = full
+            asyncio.get_running_loop().call_soon(self._run_pass)
+        elif full:
+            self._pass = True
+
+    def _run_pass(self) -> None:
+        full, self._pass = bool(self._pass), None
+        self.held.run(self.router.clock(), self._admit, full)
+
+    def _admit(self, h: Held) -> None:
+        fut = h.token
+        if fut.done():  # the client left; its task has not run yet and will not send
+            return
+        if h.error is not None:
+            fut.set_exception(h.error)
+            return
+        self.router.reserve(h.decision)  # pending from now: the rest of the pass is decided against it
+        fut.set_result(h.decision)
 
     def served_models(self) -> set[str]:
         names = {self.model} if self.model else set()
@@ -464,7 +487,7 @@ class Balancer:
         g = GaugeMetricFamily("prefixlb_admission_held_requests", "Requests held at the balancer now (admission)",
                               labels=["tier"])
         for tier in self.tiers.values():
-            g.add_metric([tier.name], len(tier.waiters))
+            g.add_metric([tier.name], len(tier.held))
         return [g]
 
     # -- HTTP entry point ------------------------------------------------------------------------------
@@ -633,6 +656,7 @@ class Balancer:
             replica = self.replicas[d.replica.id]
             tried.append(replica.id)
             if not replica.breaker.allows(now):  # half-open with its probe already out
+                router.release(d)  # if admission reserved its prefill there
                 self._sync(replica)
                 continue
             attempts += 1
@@ -650,50 +674,37 @@ class Balancer:
         raise last
 
     async def _wait_for_room(self, tier: Tier, key, tried: list[int], out_tokens, d: Decision) -> Decision:
-        """Hold a request the router does not admit yet (``TierRouter.admits``): decide again each
-        time a replica's prefill comes back, in arrival order, until a decision is admitted or
-        ``admit_max_wait_s`` has passed (then the latest decision goes anyway). A client that
-        leaves while held cancels this wait and has taken nothing."""
+        """Hold a request the router does not admit yet (``TierRouter.admits``) in the tier's
+        admission queue (prefixlb.routing.admission): it is decided again, in arrival order,
+        each time room may have come back, until a decision is admitted or ``admit_max_wait_s``
+        has passed (then its latest decision goes anyway). A client that leaves while held
+        cancels this wait and has taken nothing."""
         router = tier.router
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        deadline = t0 + router.params.admit_max_wait_s
         fut = loop.create_future()
-        tier.waiters.append(fut)
-        router.hold(d, self.clock())
-        outcome = "timeout"
+        h = tier.held.hold(key, d, self.clock(), tried, out_tokens, fut)
+        outcome = "admitted"
         try:
-            while True:
-                left = deadline - loop.time()
-                if left <= 0.0:
-                    break
-                try:
-                    await asyncio.wait_for(fut, left)
-                except asyncio.TimeoutError:
-                    break
-                now = self.clock()
-                router.unhold(d, now)
-                d = router.decide(key, now, exclude=tried, max_tokens=out_tokens)
-                if router.admits(d):
-                    outcome = "admitted"
-                    break
-                router.hold(d, now)
-                # keep the place in line: a fresh future in the same slot
-                i = tier.waiters.index(fut)
-                fut = loop.create_future()
-                tier.waiters[i] = fut
+            try:
+                d = await asyncio.wait_for(fut, router.params.admit_max_wait_s)
+            except asyncio.TimeoutError:
+                outcome = "timeout"
+                tier.held.leave(h, self.clock())
+                return h.decision  # its latest decision, no longer held
+            if h.timed_out:
+                outcome = "timeout"
             return d
+        except NoReplicaAvailable:
+            outcome = "no_replica"
+            raise
         except asyncio.CancelledError:
             outcome = "cancelled"
+            tier.held.leave(h, self.clock())
+            if fut.done() and not fut.cancelled() and fut.exception() is None:
+                router.release(fut.result())  # admitted, but it will not be sent
             raise
         finally:
-            router.unhold(d, self.clock())
-            try:
-                tier.waiters.remove(fut)
-            except ValueError:
-                pass
-            if not fut.done():
-                fut.cancel()
             self.metrics.admission_waits.inc((tier.name, outcome))
             self.metrics.admission_wait_seconds.observe((tier.name,), loop.time() - t0)
 

@@ -113,7 +113,7 @@ class BalancerMetrics:
                                    "them as the replica would failed", ("tier",), "counter")
         self.admission_waits = f("prefixlb_admission_waits", "Requests held at the balancer because their replica "
                                  "had its admission budget of prefill outstanding, by how the wait ended (admitted, "
-                                 "timeout, cancelled)", ("tier", "outcome"), "counter")
+                                 "timeout, cancelled, no_replica)", ("tier", "outcome"), "counter")
         self.admission_wait_seconds = f("prefixlb_admission_wait_seconds", "Time requests were held at the balancer "
                                         "(admission)", ("tier",), "histogram", TTFT_BUCKETS)
         self._families = [self.kv_events, self.kv_resyncs, self.precise_fallbacks, self.requests, self.decision_seconds, self.ttft_seconds, self.e2e_seconds,

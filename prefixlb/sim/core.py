@@ -28,7 +28,6 @@ import math
 import random
 import time
 from array import array
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -37,6 +36,7 @@ from prefixlb.engine.tokenizer import default_tokenizer, prompt_text
 from prefixlb.index import block_hashes
 from prefixlb.loadgen import RequestSpec
 from prefixlb.routing import CostParams, TierRouter, make_policy, prompt_key
+from prefixlb.routing.admission import AdmissionQueue, Held
 from prefixlb.routing.router import Decision
 
 __all__ = ["SGLANG_INDEX_TOKENS", "SimConfig", "SimResult", "Simulation", "percentile", "simulate"]
@@ -159,19 +159,6 @@ class SimResult:
         }
 
 
-@dataclass(slots=True)
-class _Held:
-    """A request the balancer holds (admission): what deciding it again needs."""
-
-    index: int  # arrival index
-    spec: RequestSpec
-    key: object  # its PromptKey
-    max_tokens: int
-    router: TierRouter
-    since: float  # when it arrived (replica clock)
-    decision: Decision | None = None  # the decision it waits on (TierRouter.hold)
-
-
 class _ChainHasher(BlockHasher):
     """The engine's ``fast`` block hashes through :func:`prefixlb.index.block_hashes`: the same
     XXH64 chain (hashing.py: "the same chain as prefixlb.index.block_hashes over the ids' bytes"),
@@ -244,7 +231,8 @@ class Simulation:
         self._pending: list[list] = [[] for _ in range(c.replicas)]  # outputs of each replica's step in flight
         # request id -> (decision, arrival index, arrival time, prompt text bytes, its balancer)
         self._inflight: dict[str, tuple[Decision, int, float, int | None, TierRouter]] = {}
-        self._held: deque[_Held] = deque()  # requests waiting at the balancer (admission)
+        # requests waiting at each balancer (admission), decided again as the server does
+        self._queues = [AdmissionQueue(r) for r in self.routers]
         # per request, when asked: the replica that served it, and its prompt / cached tokens
         self.replica_of = array("i") if record_replicas else None
         self.cached_of = array("i") if record_replicas else None
@@ -324,9 +312,9 @@ class Simulation:
             elif code == _MAINTAIN:
                 for router in routers:
                     router.maintain(t / scale)
-                if self._held:
-                    self._retry_held()
-                if self._inflight or self._held or nxt is not None:
+                if self.held:
+                    self._retry_held(full=True)
+                if self._inflight or self.held or nxt is not None:
                     self._at(t + maintain_every, _MAINTAIN)
             else:
                 r = _SCRAPE0 - code
@@ -369,37 +357,38 @@ class Simulation:
             self.replica_of.append(-1)
             self.cached_of.append(-1)
             self.prompt_of.append(-1)
-        router = self.routers[i % len(self.routers)]
+        k = i % len(self.routers)
+        router = self.routers[k]
         key = prompt_key(spec.body, spec.chat)
-        held = _Held(i, spec, key, int(spec.body.get("max_tokens") or 16), router, self.now)
-        if not self._try(held):
-            self._held.append(held)
+        max_tokens = int(spec.body.get("max_tokens") or 16)
+        now = self.now / self.cfg.time_scale
+        d = router.decide(key, now, max_tokens=max_tokens)
+        if router.admits(d) or router.params.admit_max_wait_s <= 0:
+            self._send(i, spec, key, max_tokens, router, d)
+        else:
+            self._queues[k].hold(key, d, now, max_tokens=max_tokens, token=(i, spec))
 
-    def _try(self, h: _Held) -> bool:
-        """Decide for a request (again, if it was held); send it if its replica admits it (or it
-        has waited ``admit_max_wait_s``), as the server does. False: it stays held."""
-        now = self.now
-        scale = self.cfg.time_scale
-        router = h.router
-        if h.decision is not None:
-            router.unhold(h.decision, now / scale)
-        d = router.decide(h.key, now / scale, max_tokens=h.max_tokens)
-        if not router.admits(d) and now - h.since < router.params.admit_max_wait_s * scale:
-            router.hold(d, now / scale)
-            h.decision = d
-            return False
-        self._send(h, d)
-        return True
+    @property
+    def held(self) -> int:
+        """Requests waiting at the balancers now (admission)."""
+        return sum(len(q) for q in self._queues)
 
-    def _retry_held(self) -> None:
-        """Room may have come back: try the held requests again, in arrival order."""
-        held, self._held = self._held, deque()
-        for h in held:
-            if not self._try(h):
-                self._held.append(h)
+    def _retry_held(self, full: bool = False) -> None:
+        """Room may have come back: each balancer's admission pass (prefixlb.routing.admission)."""
+        now = self.now / self.cfg.time_scale
+        for q in self._queues:
+            if q:
+                router = q.router
 
-    def _send(self, h: _Held, d: Decision) -> None:
-        i, spec, key, max_tokens, router = h.index, h.spec, h.key, h.max_tokens, h.router
+                def admit(h: Held, router: TierRouter = router) -> None:
+                    if h.error is not None:
+                        raise h.error
+                    i, spec = h.token
+                    self._send(i, spec, h.key, h.max_tokens, router, h.decision)
+
+                q.run(now, admit, full)
+
+    def _send(self, i: int, spec: RequestSpec, key, max_tokens: int, router: TierRouter, d: Decision) -> None:
         now = self.now
         scale = self.cfg.time_scale
         body = spec.body
@@ -484,7 +473,7 @@ class Simulation:
             if self.check_kv_every and self.steps % self.check_kv_every == 0:
                 e.kv.check_invariants()  # used + free blocks == the replica's capacity, and more
                 self.kv_checks += 1
-        if room and self._held:
+        if room and self.held:
             # the balancer learns of the room one hop after the step ended and its requests take
             # another hop: the replica has begun its next step, they join the one after
             saved, self.now = self.now, now + self.cfg.network_s

@@ -168,7 +168,7 @@ def test_admission_holds_requests_at_the_balancer_and_releases_them_as_prefills_
                     with pytest.raises(asyncio.TimeoutError):
                         await _stream(s, base, "<M> " + "lorem ipsum " * 3000, timeout=0.05)
                     await long
-                    assert await wait_for(lambda: b.tiers["default"].waiters == collections.deque())
+                    assert await wait_for(lambda: not b.tiers["default"].held)
                     assert await _waits(s, base, "cancelled") >= 1
                     state = b.tiers["default"].router.replicas
                     assert await wait_for(lambda: all(r.inflight == 0 and r.pending_prefill == 0
