@@ -117,9 +117,9 @@ class TierRouter:
         # peer sync: called as observer(kind, decision, now) after each hook on a local decision,
         # kind in "dispatched", "first_token", "finished", "failed"
         self.observer = None
-        # admission: called as room_listener(full) when a replica's pending prefill went down
-        # (full=False) and on each upkeep tick (full=True: a replica that came back, a wait that
-        # timed out), so callers holding requests (prefixlb.routing.admission) try them again
+        # admission: called (no arguments) when a replica's pending prefill went down and on
+        # each upkeep tick (a replica that came back, a wait that timed out), so callers holding
+        # requests (prefixlb.routing.admission) try them again
         self.room_listener = None
 
     def enable_precise(self, block_tokens: int, grace: float = 1.0) -> EventIndex:
@@ -249,7 +249,7 @@ class TierRouter:
         if self.events is not None:
             self.events.expire(now)
         if self.room_listener is not None:  # a replica that came back, a wait that timed out
-            self.room_listener(True)
+            self.room_listener()
         per = self.index.stats()["per_replica"]
         for r in self._ordered:
             r.relax(now)
@@ -330,7 +330,7 @@ class TierRouter:
             r.pending_prefill = max(0.0, r.pending_prefill - d.pending)
             d.pending = 0.0
             if self.room_listener is not None:
-                self.room_listener(False)
+                self.room_listener()
 
     # -- hooks: the only writers of replica state and the index ------------------------------
 

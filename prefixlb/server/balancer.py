@@ -87,28 +87,24 @@ class Tier:
     encoder: object | None = None  # precise mode: CachedEncoder giving the replicas' prompt token ids
     remote_tokenize: bool = False  # precise mode without a local tokenizer: ask a replica's /tokenize
     block_size: int | None = None  # precise mode: vLLM's block size
-    # admission: requests held at the balancer, in arrival order (Balancer._wait_for_room); a
-    # pass over them is scheduled when room may have come back (None: none scheduled)
+    # admission: requests held at the balancer, in arrival order (Balancer._wait_for_room), and
+    # whether a pass over them is scheduled
     held: AdmissionQueue = field(init=False)
-    _pass: bool | None = field(default=None, init=False)
+    _pass_due: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.held = AdmissionQueue(self.router)
 
-    def wake(self, full: bool) -> None:
+    def wake(self) -> None:
         """The router's ``room_listener``: room may have come back on a replica. One pass over the
         held requests runs soon after, on the loop; the first bytes that arrive meanwhile share it."""
-        if not self.held:
-            return
-        if self._pass is None:
-            self._pass = full
+        if self.held and not self._pass_due:
+            self._pass_due = True
             asyncio.get_running_loop().call_soon(self._run_pass)
-        elif full:
-            self._pass = True
 
     def _run_pass(self) -> None:
-        full, self._pass = bool(self._pass), None
-        self.held.run(self.router.clock(), self._admit, full)
+        self._pass_due = False
+        self.held.run(self.router.clock(), self._admit)
 
     def _admit(self, h: Held) -> None:
         fut = h.token

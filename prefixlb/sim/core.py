@@ -313,7 +313,7 @@ class Simulation:
                 for router in routers:
                     router.maintain(t / scale)
                 if self.held:
-                    self._retry_held(full=True)
+                    self._retry_held()
                 if self._inflight or self.held or nxt is not None:
                     self._at(t + maintain_every, _MAINTAIN)
             else:
@@ -373,7 +373,7 @@ class Simulation:
         """Requests waiting at the balancers now (admission)."""
         return sum(len(q) for q in self._queues)
 
-    def _retry_held(self, full: bool = False) -> None:
+    def _retry_held(self) -> None:
         """Room may have come back: each balancer's admission pass (prefixlb.routing.admission)."""
         now = self.now / self.cfg.time_scale
         for q in self._queues:
@@ -386,7 +386,7 @@ class Simulation:
                     i, spec = h.token
                     self._send(i, spec, h.key, h.max_tokens, router, h.decision)
 
-                q.run(now, admit, full)
+                q.run(now, admit)
 
     def _send(self, i: int, spec: RequestSpec, key, max_tokens: int, router: TierRouter, d: Decision) -> None:
         now = self.now

@@ -119,7 +119,7 @@ def test_admission_holds_a_request_behind_a_full_prefill_budget_and_wakes_on_the
     budget = PARAMS.admit_tokens
     assert budget == 0.75 * PARAMS.step_tokens
     woken = []
-    t.room_listener = woken.append  # called with full=False on a first byte
+    t.room_listener = lambda: woken.append(1)
     big = chat("x" * int(4 * budget * 0.7), "q")  # ~70% of the budget, uncached
     d1 = t.decide(big, 0.0)
     assert t.admits(d1)  # nothing pending: always admitted, whatever its size
@@ -130,10 +130,10 @@ def test_admission_holds_a_request_behind_a_full_prefill_budget_and_wakes_on_the
     small = t.decide(chat("z" * 400, "q"), 0.0)
     assert t.admits(small)  # a small one still fits beside the first
     t.first_token(d1, 0.3)
-    assert t.replicas[0].pending_prefill == 0 and woken == [False]
+    assert t.replicas[0].pending_prefill == 0 and woken == [1]
     assert t.admits(t.decide(chat("y" * int(4 * budget * 0.7), "q"), 0.3))
     t.finished(d1, 0.5)
-    assert woken == [False]  # its pending prefill was already released
+    assert woken == [1]  # its pending prefill was already released
 
 
 def test_a_long_prompt_goes_once_half_the_budget_is_free():

@@ -158,9 +158,9 @@ def test_admission_holds_requests_within_the_budget_and_every_one_finishes():
         r = d.replica
         assert r.pending_prefill <= budget + 1e-6 or r.pending_prefill == pytest.approx(d.pending)
 
-    def counted_retry(full=False):
+    def counted_retry():
         seen["held"] = max(seen["held"], sim.held)
-        retry(full)
+        retry()
 
     sim._send, sim._retry_held = checked_send, counted_retry
     res = sim.run()
