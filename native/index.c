@@ -1688,7 +1688,7 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
     PyObject *key, *val;
     mid = PyMem_Malloc((size_t)(nm ? nm : 1) * sizeof(uint32_t));
     mval = PyMem_Malloc((size_t)(nm ? nm : 1) * sizeof(uint32_t));
-    cost = PyMem_Malloc((size_t)nc * sizeof(double) * 3);
+    cost = PyMem_Malloc((size_t)nc * sizeof(double) * 4);
     if (!mid || !mval || !cost) {
         PyErr_NoMemory();
         goto done;
@@ -1701,7 +1701,7 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         mval[k] = (uint32_t)b;
         k++;
     }
-    double *ttft = cost + nc, *cached = cost + 2 * nc;
+    double *ttft = cost + nc, *cached = cost + 2 * nc, *load = cost + 3 * nc;
     double best = INFINITY;
     for (Py_ssize_t i = 0; i < nc; i++) {
         uint32_t id = cand[i];
@@ -1760,10 +1760,12 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
         cost[i] = total;
         ttft[i] = t;
         cached[i] = c;
+        load[i] = t / ratio;
         if (total < best)
             best = total;
     }
-    /* ties: costs within `tie` of the best; among them the longest match; then `u` picks */
+    /* ties: costs within `tie` of the best; among them the longest match, then the least load
+     * (the predicted TTFT with the replica's learned speed ratio divided out); then `u` picks */
     double limit = best * (1.0 + tie) + 1e-9, longest = -1.0;
     Py_ssize_t nt = 0;
     for (Py_ssize_t i = 0; i < nc; i++)
@@ -1778,15 +1780,19 @@ static PyObject *mod_score(PyObject *mod, PyObject *const *args, Py_ssize_t narg
             if (cost[i] <= limit)
                 chosen = i;
     } else {
+        double least = INFINITY;
+        for (Py_ssize_t i = 0; i < nc; i++)
+            if (cost[i] <= limit && cached[i] == longest && load[i] < least)
+                least = load[i];
         Py_ssize_t nl = 0;
         for (Py_ssize_t i = 0; i < nc; i++)
-            if (cost[i] <= limit && cached[i] == longest)
+            if (cost[i] <= limit && cached[i] == longest && load[i] == least)
                 nl++;
         Py_ssize_t pick = nl > 1 ? (Py_ssize_t)(u * (double)nl) : 0;
         if (pick >= nl)
             pick = nl - 1;
         for (Py_ssize_t i = 0; i < nc; i++)
-            if (cost[i] <= limit && cached[i] == longest && pick-- == 0) {
+            if (cost[i] <= limit && cached[i] == longest && load[i] == least && pick-- == 0) {
                 chosen = i;
                 break;
             }

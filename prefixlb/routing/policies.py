@@ -14,9 +14,12 @@ router's hooks do that after dispatch).
   prefix replication (when the holder's queue outgrows the saving, the next request goes to a
   second replica, which then holds the prefix too) and cold-prefix spreading (equal costs ->
   the least-loaded replica, ties broken by a hash of the prompt's first blocks) all follow from one formula, with no
-  thresholds to tune. A cache-pressure term charges uncached tokens placed on a replica whose
-  cache is full for the prefixes they will evict (Preble's eviction cost), so under pressure
-  a prefix is copied only when the queue it avoids is worth it.
+  thresholds to tune. Costs within ``tie`` (5%) of the best are not told apart by the replicas'
+  learned speed ratios, whose noise is of that order: among them the longest match, then the
+  least load (the TTFT with the ratio divided out) wins (see :mod:`prefixlb.routing.scoring`).
+  A cache-pressure term charges uncached tokens placed on a replica whose cache is full for
+  the prefixes they will evict (Preble's eviction cost), so under pressure a prefix is copied
+  only when the queue it avoids is worth it.
 * ``round_robin``: rotate through the replicas.
 * ``least_loaded``: power of two choices on queued work (prefill tokens and context in
   flight), cache-blind.
@@ -115,18 +118,21 @@ _INV53 = 1.0 / (1 << 53)
 class CacheAware(Policy):
     name = "cache_aware"
     admission = True
-    # ties are broken by the prompt's first blocks, not a random draw: every balancer instance
-    # (and every worker process) breaks a tie the same way, so a cold prefix lands on the same
+    # ties the least load does not settle (replicas in the same state, e.g. an idle fleet) are
+    # broken by the prompt's first blocks, not a random draw: every balancer instance (and every
+    # worker process) breaks such a tie the same way, so a cold prefix lands on the same
     # replica whichever instance routed it, and different prefixes still spread uniformly
     key_blocks = 4
 
-    def __init__(self, rng: random.Random | None = None, pressure_weight: float = 1.0, tie: float = 0.02,
+    def __init__(self, rng: random.Random | None = None, pressure_weight: float = 1.0, tie: float = 0.05,
                  memory: bool = True, congestion: bool = True) -> None:
         super().__init__(rng)
         self.pressure_weight = pressure_weight
         self.memory = memory
         self.congestion = congestion
-        self.tie = tie  # costs within this fraction of the best are ties (broken by the prefix hash)
+        # costs within this fraction of the best are ties (a few percent is the noise of the learned
+        # speed ratios), broken by the longest match, then the least load, then the prefix hash
+        self.tie = tie
 
     def choose(self, candidates, matches, prefix_key, prompt_tokens, tokens_per_block, now, router=None, ids=None):
         tier = candidates[0].tier

@@ -18,7 +18,14 @@ requests will wait: with the fleet's utilisation rho, congestion = rho / (1 - rh
 pressure_weight * uncached * pressure * inv * ratio, where pressure (0..1) is how full the
 replica's cache is: placing uncached tokens there evicts other prefixes that will cost their
 prefill again. Costs within ``tie`` of the best tie; among
-ties the longest match wins, then ``u`` (a uniform draw from the router's seeded RNG) picks.
+ties the longest match wins, then the least *load* -- the predicted TTFT with the replica's
+learned speed ratio divided out -- and only an exact tie on that (e.g. identical idle replicas)
+is left to ``u`` (a uniform draw from the router's seeded RNG, or the prompt's prefix hash).
+The speed ratios are estimates (a few percent of noise on identical replicas): a cost
+difference within the tie band is as likely their noise as a real difference, and picking the
+argmin of noisy estimates systematically picks the replica whose speed is overestimated, which
+then attracts every cold request (sticky sessions pile up there). Inside the band the
+replicas' loads, which the balancer knows exactly, decide instead.
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ def score_py(slab: array, candidates: array, matches: Mapping[int, int], P: floa
     """(replica id, cost, predicted TTFT, predicted cached tokens) of the chosen candidate."""
     if not len(candidates):
         raise ValueError("no candidates")
-    costs, ttfts, cached = [], [], []
+    costs, ttfts, cached, loads = [], [], [], []
     best = math.inf
     for rid in candidates:
         b = rid * F_COUNT
@@ -88,12 +95,15 @@ def score_py(slab: array, candidates: array, matches: Mapping[int, int], P: floa
         costs.append(total)
         ttfts.append(t)
         cached.append(c)
+        loads.append(t / ratio)
         best = min(best, total)
     limit = best * (1.0 + tie) + 1e-9
     ties = [i for i, x in enumerate(costs) if x <= limit]
     if len(ties) > 1:
         longest = max(cached[i] for i in ties)
         ties = [i for i in ties if cached[i] == longest]
+        least = min(loads[i] for i in ties)
+        ties = [i for i in ties if loads[i] == least]
         i = ties[min(len(ties) - 1, int(u * len(ties)))] if len(ties) > 1 else ties[0]
     else:
         i = ties[0]
