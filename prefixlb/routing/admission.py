@@ -11,12 +11,13 @@ arrival order, and each one now admitted (or past ``admit_max_wait_s``) is hande
 the next held request is decided against it.
 
 One queue serves the server (``Balancer``: ``admit`` resolves the waiting request's future) and
-the simulator (``admit`` sends at once): the same pass, the same order, the same bound.
+the simulator (``admit`` sends at once): the same pass in the same order.
 
 Every pass decides every held request again. Bounding it (stop after K requests in a row stay
 held; requests held on the replica that got room always decided) was measured and rejected:
 ``prefixlb sim --replicas 256 --requests 20000 --workload mixed --policies cache_aware`` went
-from p90/p99 342/560 ms unbounded to 357/615 with K = 64 and 421/671 with K = 16 -- a request
+from p90/p99 342/560 ms unbounded to 357/615 with K = 64 and 421/671 with K = 16 (the bounded
+pass is in git at commit 661e514, K = 16; K = 64 was the same code with the constant changed) -- a request
 far back in the line, held for a busy replica, is often the one that should take the room a
 first byte just freed elsewhere. The server runs at most one pass per event-loop turn (every
 first byte of that turn shares it), which bounds its cost by the loop's pace rather than by the

@@ -341,11 +341,10 @@ class TierRouter:
         byte cannot be seen (not streamed)."""
         now = self.clock() if now is None else now
         r = d.replica
-        if not track_prefill:
+        if track_prefill:
+            self.reserve(d)  # (kept if admission reserved it already)
+        else:
             self._release_prefill(d)  # a reservation (``reserve``) its first byte would never return
-        elif self.admission and not d.pending and not d.remote:
-            d.pending = max(1.0, d.uncached_tokens)
-            r.pending_prefill += d.pending
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)
         d.queued_at_dispatch = r.backlog(now)
         d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)

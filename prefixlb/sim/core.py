@@ -366,7 +366,7 @@ class Simulation:
         if router.admits(d) or router.params.admit_max_wait_s <= 0:
             self._send(i, spec, key, max_tokens, router, d)
         else:
-            self._queues[k].hold(key, d, now, max_tokens=max_tokens, token=(i, spec))
+            self._queues[k].hold(key, d, now, max_tokens=max_tokens, token=(i, spec, router))
 
     @property
     def held(self) -> int:
@@ -378,15 +378,13 @@ class Simulation:
         now = self.now / self.cfg.time_scale
         for q in self._queues:
             if q:
-                router = q.router
+                q.run(now, self._admit_held)
 
-                def admit(h: Held, router: TierRouter = router) -> None:
-                    if h.error is not None:
-                        raise h.error
-                    i, spec = h.token
-                    self._send(i, spec, h.key, h.max_tokens, router, h.decision)
-
-                q.run(now, admit)
+    def _admit_held(self, h: Held) -> None:
+        if h.error is not None:
+            raise h.error
+        i, spec, router = h.token
+        self._send(i, spec, h.key, h.max_tokens, router, h.decision)
 
     def _send(self, i: int, spec: RequestSpec, key, max_tokens: int, router: TierRouter, d: Decision) -> None:
         now = self.now

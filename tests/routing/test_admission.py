@@ -74,7 +74,6 @@ def test_a_pass_decides_each_held_request_once_and_keeps_it_held_once():
     for i in range(10):
         k = key(f"r{i}", int(0.6 * BUDGET))
         q.hold(k, t.decide(k, 0.0), 0.0, token=i)
-    held = sum(h.decision.uncached_tokens for h in q)
     decided = []
     decide = t.decide
     t.decide = lambda *a, **kw: decided.append(1) or decide(*a, **kw)
@@ -84,7 +83,6 @@ def test_a_pass_decides_each_held_request_once_and_keeps_it_held_once():
     assert [h.token for h in q] == list(range(10)) and all(h.decision.held for h in q)
     # each request's prefill is queued on exactly one replica however often it was decided
     assert sum(r.backlog(0.0) for r in t.replicas.values()) == pytest.approx(before)
-    assert sum(h.decision.uncached_tokens for h in q) == pytest.approx(held)
 
 
 def test_a_request_held_for_admit_max_wait_s_is_released_with_its_latest_decision():
@@ -96,7 +94,7 @@ def test_a_request_held_for_admit_max_wait_s_is_released_with_its_latest_decisio
     got = []
     assert q.run(1.0, got.append) == 0 and not got
     assert q.run(2.0, got.append) == 1 and got == [h] and h.timed_out and not h.decision.held
-    assert t.replicas[0].backlog(2.0) >= 0 and not q
+    assert not q
 
 
 def test_no_replica_left_releases_the_request_with_the_error():

@@ -87,3 +87,26 @@ def test_bad_inputs_are_refused():
         native.score(array("f", [0.0] * F_COUNT), array("I", [0]), {}, *([1.0] * 15))
     with pytest.raises(TypeError):
         native.score(slab, array("I", [0]), {}, 1.0)
+
+
+@pytest.mark.parametrize("score", [score_py, native.score], ids=["python", "native"])
+def test_within_the_tie_band_the_least_load_wins_not_the_replica_that_looks_faster(score):
+    """A learned speed ratio a few percent low (noise) must not pull every cold request to its
+    replica: within ``tie`` of the best cost, the least load with the ratio divided out wins."""
+    P, fixed, inv = 1000.0, 0.01, 1e-4
+
+    def row(ratio, inflight, context):
+        # reserved, backlog, backlog_t, ratio, context, scraped_at, waiting, running, kv, avg unc,
+        # avg prompt, inflight, KV allocated, KV capacity (unscraped, cache size unknown)
+        return (0.0, 0.0, 0.0, ratio, context, -math.inf, 0.0, 0.0, 0.0, 512.0, 1024.0, inflight, 0.0, 0.0)
+
+    slab = array("d", [*row(0.97, 3.0, 3000.0), *row(1.0, 0.0, 0.0)])  # busy, looks 3% faster | idle
+    ids = array("I", [0, 1])
+
+    def pick(tie):
+        return score(slab, ids, {}, P, 16.0, 0.0, fixed, inv, 0.001, 1.0, 8192.0, 2.0, 0.0, tie, 0.0,
+                     0.0, 0.0, 0.0)
+
+    busy, idle = pick(0.0)[0], pick(0.05)[0]
+    assert busy == 0  # by predicted TTFT alone the busy replica wins (its ratio says it is faster)
+    assert idle == 1  # inside the band the idle one does: 2.5% apart is within the ratios' noise
