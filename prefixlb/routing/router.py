@@ -51,6 +51,11 @@ class Decision:
     policy: str
     out_tokens: float  # the output budget the request may use (max_tokens, or the tier default)
     decided_at: float
+    # prompt - cached, and that plus the output budget: the KV blocks (in tokens) the request
+    # allocates on the replica. Given at construction (``_decision``); read ~10 times a request,
+    # which as properties cost more than the arithmetic
+    uncached_tokens: float
+    kv_tokens: float
     decision_s: float = 0.0  # wall time spent deciding
     # set by the hooks
     dispatched_at: float | None = None
@@ -66,14 +71,15 @@ class Decision:
     remote: bool = False  # another balancer instance dispatched it (peer sync)
     tag: int = 0  # this instance's id for it, as peers know it
 
-    @property
-    def uncached_tokens(self) -> float:
-        return self.prompt_tokens - self.cached_tokens
 
-    @property
-    def kv_tokens(self) -> float:
-        """KV blocks (in tokens) the request allocates on the replica: uncached prompt + output."""
-        return self.uncached_tokens + self.out_tokens
+def _decision(replica: ReplicaState, chain: object, matched_blocks: int, prompt_tokens: float, cached_tokens: float,
+              predicted_ttft: float, policy: str, out_tokens: float, decided_at: float, decision_s: float = 0.0,
+              remote: bool = False) -> Decision:
+    u = prompt_tokens - cached_tokens
+    d = Decision(replica, chain, matched_blocks, prompt_tokens, cached_tokens, predicted_ttft, policy, out_tokens,
+                 decided_at, u, u + out_tokens, decision_s)
+    d.remote = remote
+    return d
 
 
 class TierRouter:
@@ -215,12 +221,14 @@ class TierRouter:
         if key.token_ids is not None:
             prompt_tokens = float(key.token_ids)
         else:
-            prompt_tokens = max(1.0, len(key.data) / self.bytes_per_token)
+            prompt_tokens = len(key.data) / self.bytes_per_token
+            if prompt_tokens < 1.0:
+                prompt_tokens = 1.0
         kb = self.policy.key_blocks
         if not kb:
             prefix_key = 0
         elif len(chain):
-            prefix_key = chain[min(len(chain), kb) - 1]
+            prefix_key = chain[(len(chain) if len(chain) < kb else kb) - 1]
         else:
             prefix_key = xxhash.xxh64_intdigest(key.data, key.seed)
         out = float(max_tokens) if max_tokens else self.default_output_tokens
@@ -228,18 +236,8 @@ class TierRouter:
         pick: Pick = self.policy.choose(candidates, matches, prefix_key, prompt_tokens, self.tokens_per_block, now,
                                         self, ids)
         matched = matches.get(pick.replica.id, 0)
-        return Decision(
-            replica=pick.replica,
-            chain=chain,
-            matched_blocks=matched,
-            prompt_tokens=prompt_tokens,
-            cached_tokens=pick.cached_tokens,
-            predicted_ttft=pick.predicted_ttft,
-            policy=self.policy.name,
-            out_tokens=out,
-            decided_at=now,
-            decision_s=time.perf_counter() - t0,
-        )
+        return _decision(pick.replica, chain, matched, prompt_tokens, pick.cached_tokens, pick.predicted_ttft,
+                         self.policy.name, out, now, time.perf_counter() - t0)
 
     def maintain(self, now: float | None = None) -> None:
         """Periodic upkeep, off the request path (the server's tick, the simulator's clock):
@@ -263,12 +261,15 @@ class TierRouter:
         n = len(self._available) if not self._available_dirty else sum(1 for r in self._ordered if r.available)
         if not n:
             return 1.0
-        rate = self._work * math.exp(-max(0.0, now - self._work_t) / _WORK_TAU) / _WORK_TAU
+        dt = now - self._work_t
+        rate = (self._work * math.exp(-dt / _WORK_TAU) if dt > 0.0 else self._work) / _WORK_TAU
         return rate * self.model.inv_rate / n
 
     def congestion(self, now: float) -> float:
         """rho / (1 - rho): the delay one more unit of work imposes on others, per unit (M/M/1)."""
-        rho = min(self.utilisation(now), 0.95)
+        rho = self.utilisation(now)
+        if rho > 0.95:
+            rho = 0.95
         return rho / (1.0 - rho)
 
     # -- admission ----------------------------------------------------------------------------
@@ -293,7 +294,8 @@ class TierRouter:
         # a prompt counts at most half the budget: a long one goes once no more than half the
         # budget is outstanding, rather than waiting for the replica to have nothing pending
         # (serialising long prompts cost llm-d's shape its tail in the simulator)
-        return d.replica.pending_prefill + min(d.uncached_tokens, 0.5 * budget) <= budget
+        u = d.uncached_tokens
+        return d.replica.pending_prefill + (u if u < 0.5 * budget else 0.5 * budget) <= budget
 
     def hold(self, d: Decision, now: float | None = None) -> None:
         """``d`` is not admitted and will wait at the balancer: count its prefill as queued on its
@@ -316,7 +318,7 @@ class TierRouter:
         its own task): count its prefill as pending now, so what is decided before it is sent
         sees it. ``dispatched`` keeps the reservation; ``release`` returns it if ``d`` is not sent."""
         if self.admission and not d.pending and not d.remote:
-            d.pending = max(1.0, d.uncached_tokens)
+            d.pending = d.uncached_tokens if d.uncached_tokens > 1.0 else 1.0
             d.replica.pending_prefill += d.pending
 
     def release(self, d: Decision) -> None:
@@ -327,7 +329,8 @@ class TierRouter:
     def _release_prefill(self, d: Decision) -> None:
         if d.pending:
             r = d.replica
-            r.pending_prefill = max(0.0, r.pending_prefill - d.pending)
+            left = r.pending_prefill - d.pending
+            r.pending_prefill = left if left > 0.0 else 0.0
             d.pending = 0.0
             if self.room_listener is not None:
                 self.room_listener()
@@ -348,7 +351,8 @@ class TierRouter:
         d.work_at_dispatch = r.feature(d.uncached_tokens, now)
         d.queued_at_dispatch = r.backlog(now)
         d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
-        self._work = self._work * math.exp(-max(0.0, now - self._work_t) / _WORK_TAU) + d.uncached_tokens
+        dt = now - self._work_t
+        self._work = (self._work * math.exp(-dt / _WORK_TAU) if dt > 0.0 else self._work) + d.uncached_tokens
         self._work_t = now
         d.dispatched_at = now
         d.attempts.append(r.id)
@@ -368,9 +372,7 @@ class TierRouter:
         if r is None:
             return None
         now = self.clock() if now is None else now
-        d = Decision(replica=r, chain=chain, matched_blocks=0, prompt_tokens=prompt_tokens,
-                     cached_tokens=cached_tokens, predicted_ttft=0.0, policy="remote", out_tokens=out_tokens,
-                     decided_at=now, remote=True)
+        d = _decision(r, chain, 0, prompt_tokens, cached_tokens, 0.0, "remote", out_tokens, now, remote=True)
         self.dispatched(d, now)
         return d
 
@@ -402,7 +404,7 @@ class TierRouter:
         # every sample, the regression of TTFT on an estimated queue reads the queue's errors
         # as a faster rate and a larger fixed cost (errors in the variable), the faster rate
         # drains the modelled queue too soon, and the errors grow: unstable under load.
-        if d.queued_at_dispatch <= self.params.learn_queue_share * max(d.uncached_tokens, 1.0):
+        if d.queued_at_dispatch <= self.params.learn_queue_share * (d.uncached_tokens if d.uncached_tokens > 1.0 else 1.0):
             r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
         if self.events is not None and d.inserted:
             self.events.settle(r.id, d.chain, now)

@@ -102,8 +102,9 @@ class Request:
         self.method = method
         self.target = target
         if target[:1] == b"/":
-            if b"#" in target:  # a fragment is not part of a request target; llhttp lets it through
-                target = target[: target.find(b"#")]
+            j = target.find(b"#")  # a fragment is not part of a request target; llhttp lets it through
+            if j >= 0:
+                target = target[:j]
             i = target.find(b"?")
             if i < 0:
                 path, query = target, b""

@@ -518,7 +518,7 @@ class UpstreamPool:
     # -- requests -------------------------------------------------------------------------
 
     def _encode(self, method: bytes, path: bytes, headers: Iterable[tuple[bytes | str, bytes | str]], body: bytes) -> bytes:
-        parts = [b"%s %s HTTP/1.1\r\n" % (method, path), self._host_line]
+        parts = [method + b" " + path + b" HTTP/1.1\r\n", self._host_line]
         for name, value in headers:
             if name.__class__ is str:
                 name = name.encode("latin-1")  # type: ignore[union-attr]
@@ -526,17 +526,17 @@ class UpstreamPool:
                 value = value.encode("latin-1")  # type: ignore[union-attr]
             if name.lower() in _REQUEST_SKIP:  # type: ignore[union-attr]
                 continue
-            if b"\n" in value or b"\r" in value:  # type: ignore[operator]
-                raise ValueError(f"invalid request header {name!r}: {value!r}")
-            parts.append(b"%s: %s\r\n" % (name, value))
+            parts.append(name + b": " + value + b"\r\n")  # type: ignore[operator]
+        # a CR or LF inside a header would end it early (request splitting): every line holds
+        # exactly one of each. Checked once over the block: ``x in bytes`` costs ~2K instructions
+        # a test here (CPython first tries ``x`` as an int and formats a TypeError it drops)
+        head = b"".join(parts)
+        if head.count(b"\n") != len(parts) or head.count(b"\r") != len(parts):
+            bad = next(x for x in parts if x.count(b"\n") != 1 or x.count(b"\r") != 1)
+            raise ValueError(f"invalid request header line {bad!r}")
         if body or method not in (b"GET", b"HEAD"):
-            parts.append(b"content-length: %d\r\n\r\n" % len(body))
-            if len(body) <= 65536:
-                parts.append(body)
-                return b"".join(parts)
-            return b"".join(parts) + body
-        parts.append(b"\r\n")
-        return b"".join(parts)
+            return b"".join((head, b"content-length: %d\r\n\r\n" % len(body), body))
+        return head + b"\r\n"
 
     async def request(
         self,
@@ -561,7 +561,8 @@ class UpstreamPool:
             method = method.encode("ascii")  # type: ignore[union-attr]
         if path.__class__ is str:
             path = path.encode("latin-1")  # type: ignore[union-attr]
-        if b" " in path or b"\r" in path or b"\n" in path:  # type: ignore[operator]
+        # (``find``, not ``in``: see _encode)
+        if path.find(b" ") >= 0 or path.find(b"\r") >= 0 or path.find(b"\n") >= 0:  # type: ignore[union-attr]
             raise ValueError(f"invalid request path {path!r}")
         data = self._encode(method, path, headers, body)  # type: ignore[arg-type]
         head_only = method == b"HEAD"
