@@ -93,7 +93,7 @@ class RequestView:
     """The features of one request the rules and the classifier look at. ``prompt`` (the whole
     prompt, :func:`prompt_text`) is built on first use: rules on the last message never pay for it."""
 
-    __slots__ = ("_body", "_chat", "_prompt", "headers", "last_user", "max_tokens", "path", "tools", "user")
+    __slots__ = ("_body", "_chat", "_low", "_prompt", "headers", "last_user", "max_tokens", "path", "tools", "user")
 
     def __init__(self, path: str, headers: Mapping[str, str], user: str | None, last_user: str, tools: bool,
                  max_tokens: int | None, body: Mapping[str, Any], chat: bool) -> None:
@@ -106,6 +106,14 @@ class RequestView:
         self._body = body
         self._chat = chat
         self._prompt: str | None = None
+        self._low: str | None = None
+
+    @property
+    def last_user_lower(self) -> str:
+        """``last_user`` lower-cased (built once, for every keyword rule)."""
+        if self._low is None:
+            self._low = self.last_user.lower()
+        return self._low
 
     @property
     def prompt(self) -> str:
@@ -184,8 +192,11 @@ class Rule:
             if got is None or (want != "*" and got != want):
                 return False
         if self.keywords_any:
-            low = v.last_user.lower()
-            if not any(k in low for k in self.keywords_any):
+            low = v.last_user_lower
+            for k in self.keywords_any:
+                if k in low:
+                    break
+            else:
                 return False
         if self._regex is not None and self._regex.search(v.last_user) is None:
             return False
@@ -214,9 +225,14 @@ class ClassifierMode:
 # -- decisions --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TierDecision:
-    """Which tier, which step decided, and what the classifier said (if it was asked)."""
+    """Which tier, which step decided, and what the classifier said (if it was asked).
+
+    Read-only by convention: the decisions that carry no score are built once and shared by
+    every request they decide. (Not ``frozen``: a frozen dataclass costs ~1 us to construct,
+    four times this, and the classifier builds one per request.)
+    """
 
     tier: str
     step: str  # explicit | rules | classifier | default
@@ -255,8 +271,8 @@ class TierPipeline:
         self.mode = classifier_mode if classifier is not None else ClassifierMode.KILLED
         self.user_offsets = user_offsets
         self._rank = {t: i for i, t in enumerate(self.tiers)}
-        # the decisions that carry no score are the same every time: built once (a frozen
-        # dataclass costs a microsecond to construct), indexed by the cascade flag
+        # the decisions that carry no score are the same every time: built once, indexed by the
+        # cascade flag
         self._rule_decisions = [(TierDecision(r.tier, RULES, rule=r.name, cascade=r.cascade),
                                  TierDecision(r.tier, RULES, rule=r.name, cascade=True)) for r in self.rules]
         self._default_decisions = (TierDecision(default_tier, DEFAULT), TierDecision(default_tier, DEFAULT,
@@ -290,7 +306,7 @@ class TierPipeline:
             if tier not in self._rank:
                 err = f"classifier chose unknown tier {tier!r}"
             elif self.mode == ClassifierMode.ENABLED:
-                return self._offset(TierDecision(tier, CLASSIFIER, score=score, cascade=cascade), view, now)
+                return self._offset(TierDecision(tier, CLASSIFIER, score, None, None, cascade), view, now)
             else:
                 shadow = tier
         d = TierDecision(self.default_tier, DEFAULT, score=score, shadow_tier=shadow, cascade=cascade,

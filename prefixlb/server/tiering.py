@@ -90,7 +90,9 @@ class Trace:
         self.chat = chat
         self.body = body
         self.prompt = prompt
-        self.attempts: list[dict[str, Any]] = []
+        # (tier, replica url, predicted cached tokens, usage, status) per answered attempt; the
+        # decision log's dicts are built from them off the request path (``attempt_rows``)
+        self.attempts: list[tuple[Tier, str, int, dict | None, int]] = []
         self.cascade: dict[str, Any] | None = None  # {"tiers", "reasons", "outcome", "features"}
         self.status: int | None = None
         self.ts = time.time()
@@ -106,19 +108,26 @@ class Trace:
 
     def attempt(self, tier: Tier, replica_url: str, predicted_cached: int, usage: dict | None, status: int) -> None:
         """One answered attempt (called from ``Balancer._account``)."""
-        p = c = cached = None
-        cost = 0.0
-        if usage:
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            details = usage.get("prompt_tokens_details")
-            cached = details.get("cached_tokens") if isinstance(details, dict) else None
-            if isinstance(p, int) and isinstance(c, int):
-                cost = (p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6
-        self.attempts.append({"tier": tier.name, "replica": replica_url, "status": status,
-                              "predicted_cached_tokens": predicted_cached,
-                              "actual_cached_tokens": cached if isinstance(cached, int) else None,
-                              "prompt_tokens": p if isinstance(p, int) else None,
-                              "completion_tokens": c if isinstance(c, int) else None, "cost": cost})
+        self.attempts.append((tier, replica_url, predicted_cached, usage, status))
+
+    def attempt_rows(self) -> list[dict[str, Any]]:
+        """The attempts as the decision log writes them (tokens and cost from each usage)."""
+        rows = []
+        for tier, replica_url, predicted_cached, usage, status in self.attempts:
+            p = c = cached = None
+            cost = 0.0
+            if usage:
+                p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
+                details = usage.get("prompt_tokens_details")
+                cached = details.get("cached_tokens") if isinstance(details, dict) else None
+                if isinstance(p, int) and isinstance(c, int):
+                    cost = (p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6
+            rows.append({"tier": tier.name, "replica": replica_url, "status": status,
+                         "predicted_cached_tokens": predicted_cached,
+                         "actual_cached_tokens": cached if isinstance(cached, int) else None,
+                         "prompt_tokens": p if isinstance(p, int) else None,
+                         "completion_tokens": c if isinstance(c, int) else None, "cost": cost})
+        return rows
 
 
 class TierRouting:
@@ -245,10 +254,10 @@ class TierRouting:
 
     def _finish(self, trace: Trace, started: float) -> None:
         if trace.status is None:
-            trace.status = trace.attempts[-1]["status"] if trace.attempts else 0
+            trace.status = trace.attempts[-1][4] if trace.attempts else 0
         now = self.b.clock()
         d = trace.decision
-        final = trace.attempts[-1]["tier"] if trace.attempts else d.tier
+        final = trace.attempts[-1][0].name if trace.attempts else d.tier
         base = d.base_tier or d.tier
         uo = self.pipeline.user_offsets
         if uo is not None and trace.user is not None and trace.cascade is not None and trace.status == 200:
@@ -267,7 +276,7 @@ class TierRouting:
 
     def _log_line(self, trace: Trace, final: str, duration: float) -> dict[str, Any]:
         d = trace.decision
-        at = trace.attempts
+        at = trace.attempt_rows()
         answer = at[-1] if at else {}
         prompt = trace.prompt if trace.prompt is not None else prompt_text(trace.body, trace.chat)
 
