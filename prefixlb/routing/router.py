@@ -348,8 +348,7 @@ class TierRouter:
             self.reserve(d)  # (kept if admission reserved it already)
         else:
             self._release_prefill(d)  # a reservation (``reserve``) its first byte would never return
-        d.work_at_dispatch = r.feature(d.uncached_tokens, now)
-        d.queued_at_dispatch = r.backlog(now)
+        d.work_at_dispatch, d.queued_at_dispatch = r.feature(d.uncached_tokens, now)
         d.backlog_end = r.on_dispatch(d.uncached_tokens, d.prompt_tokens, now, d.kv_tokens)
         dt = now - self._work_t
         self._work = (self._work * math.exp(-dt / _WORK_TAU) if dt > 0.0 else self._work) + d.uncached_tokens

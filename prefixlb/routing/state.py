@@ -338,12 +338,13 @@ class ReplicaState:
     def backlog(self, now: float) -> float:
         return self.loads(now)[0]
 
-    def feature(self, uncached_tokens: float, now: float) -> float:
-        """Token-equivalents of work before this request's first token (see the module doc)."""
+    def feature(self, uncached_tokens: float, now: float) -> tuple[float, float]:
+        """(token-equivalents of work before this request's first token (see the module doc),
+        prefill tokens queued ahead of it): what a request dispatched now is learned against."""
         own, n, ctx = self.loads(now)
         work = own + uncached_tokens
         steps = math.ceil(work / self.params.step_tokens) if work > 0.0 else 1.0
-        return work + steps * (n + self.params.context_weight * ctx)
+        return work + steps * (n + self.params.context_weight * ctx), own
 
     def predict_ttft(self, uncached_tokens: float, now: float, out_tokens: float = 0.0) -> float:
         """Predicted seconds to first token for a request with this many uncached tokens.

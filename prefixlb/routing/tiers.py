@@ -90,23 +90,32 @@ def last_user_text(body: Mapping[str, Any], chat: bool) -> str:
 
 
 class RequestView:
-    """The features of one request the rules and the classifier look at. ``prompt`` (the whole
-    prompt, :func:`prompt_text`) is built on first use: rules on the last message never pay for it."""
+    """The features of one request the rules and the classifier look at, built from its parsed
+    body (``headers`` with lower-cased names). The last user message and the whole prompt
+    (:func:`prompt_text`) are built on first use: a classifier alone never reads the former,
+    rules on the last message never pay for the latter."""
 
-    __slots__ = ("_body", "_chat", "_low", "_prompt", "headers", "last_user", "max_tokens", "path", "tools", "user")
+    __slots__ = ("_body", "_chat", "_last", "_low", "_prompt", "headers", "max_tokens", "path", "tools", "user")
 
-    def __init__(self, path: str, headers: Mapping[str, str], user: str | None, last_user: str, tools: bool,
-                 max_tokens: int | None, body: Mapping[str, Any], chat: bool) -> None:
+    def __init__(self, body: Mapping[str, Any], path: str, headers: Mapping[str, str], user: str | None,
+                 chat: bool = True) -> None:
         self.path = path
-        self.headers = headers  # lower-cased names
+        self.headers = headers
         self.user = user
-        self.last_user = last_user
-        self.tools = tools
-        self.max_tokens = max_tokens
+        mt = body.get("max_tokens", body.get("max_completion_tokens"))
+        self.max_tokens = mt if mt.__class__ is int else None  # (not a bool)
+        self.tools = bool(body.get("tools"))
         self._body = body
         self._chat = chat
-        self._prompt: str | None = None
+        self._last: str | None = None
         self._low: str | None = None
+        self._prompt: str | None = None
+
+    @property
+    def last_user(self) -> str:
+        if self._last is None:
+            self._last = last_user_text(self._body, self._chat)
+        return self._last
 
     @property
     def last_user_lower(self) -> str:
@@ -126,13 +135,8 @@ class RequestView:
         return self._prompt
 
 
-def request_view(body: Mapping[str, Any], path: str, headers: Mapping[str, str], user: str | None,
-                 chat: bool = True) -> RequestView:
-    """Build the view of a parsed request body (``headers`` with lower-cased names)."""
-    mt = body.get("max_tokens", body.get("max_completion_tokens"))
-    max_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) else None
-    return RequestView(path, headers, user, last_user_text(body, chat), bool(body.get("tools")), max_tokens, body,
-                       chat)
+#: ``request_view(body, path, headers, user, chat=True)``
+request_view = RequestView
 
 
 # -- rules -----------------------------------------------------------------------------------------

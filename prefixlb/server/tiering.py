@@ -253,11 +253,11 @@ class TierRouting:
             self._finish(trace, started)
 
     def _finish(self, trace: Trace, started: float) -> None:
+        at = trace.attempts
         if trace.status is None:
-            trace.status = trace.attempts[-1][4] if trace.attempts else 0
-        now = self.b.clock()
+            trace.status = at[-1][4] if at else 0
         d = trace.decision
-        final = trace.attempts[-1][0].name if trace.attempts else d.tier
+        final = at[-1][0].name if at else d.tier
         base = d.base_tier or d.tier
         uo = self.pipeline.user_offsets
         if uo is not None and trace.user is not None and trace.cascade is not None and trace.status == 200:
@@ -265,12 +265,13 @@ class TierRouting:
             # an answer accepted where an offset put it says nothing about the tiers below: learn
             # only from escalations and from answers accepted without an offset
             if trace.cascade["reasons"] or d.user_offset == 0:
-                uo.observe(trace.user, climbed, now)
-        if self.cfg.feedback_memory:
-            pick = d.tier if d.step == "classifier" else d.shadow_tier
-            self.recent[trace.request_id] = (trace.user, final, base, pick)
-            if len(self.recent) > self.cfg.feedback_memory:
-                self.recent.popitem(last=False)
+                uo.observe(trace.user, climbed, self.b.clock())
+        keep = self.cfg.feedback_memory
+        if keep:
+            recent = self.recent
+            recent[trace.request_id] = (trace.user, final, base, d.tier if d.step == "classifier" else d.shadow_tier)
+            if len(recent) > keep:
+                recent.popitem(last=False)
         if self.dlog is not None:  # the line is built and written later, off the request path
             self.dlog.add((self._log_line, trace, final, time.perf_counter() - started))
 
