@@ -65,7 +65,7 @@ def _content_bytes(content: Any, where: str) -> bytes:
             if isinstance(part, str):
                 parts.append(part.encode("utf-8", "surrogatepass"))
                 continue
-            if not isinstance(part, Mapping):
+            if part.__class__ is not dict and not isinstance(part, Mapping):
                 raise PromptError(f"{where}.content[{i}] must be an object or a string")
             kind = part.get("type")
             if kind == "text" or "text" in part:
@@ -93,7 +93,7 @@ def _chat_key(body: Mapping[str, Any]) -> tuple[bytes, int]:
         out += (b"tools", _SEP, orjson.dumps(tools, option=orjson.OPT_SORT_KEYS), _MSG)
     text = 0
     for i, m in enumerate(messages):
-        if not isinstance(m, Mapping):
+        if m.__class__ is not dict and not isinstance(m, Mapping):  # (dict first: an ABC check costs 4x)
             raise PromptError(f"messages[{i}] must be an object")
         role = m.get("role")
         if not isinstance(role, str):
