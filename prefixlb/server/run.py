@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import multiprocessing
 import os
@@ -34,6 +35,15 @@ async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False,
     balancer = Balancer(config)
     balancer.config_source = reload
     await balancer.start(reuse_port=reuse_port)
+    # What exists now (modules, config, index, classifier) lives as long as the process: frozen
+    # out of the cyclic collector, which would otherwise walk it in every older-generation pass.
+    # A request allocates a few hundred containers, nearly all freed by reference counting: the
+    # youngest generation is collected every ~50 requests instead of every ~2 (CPython's 700).
+    # Measured here with the classifier on: ~9% less CPU a request from the freeze, ~5% more
+    # from the threshold (the simulator does the same)
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, *gc.get_threshold()[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
