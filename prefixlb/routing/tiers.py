@@ -68,7 +68,12 @@ def prompt_text(body: Mapping[str, Any], chat: bool) -> str:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return ""
-        return "\n".join(_text(m.get("content")) for m in msgs if isinstance(m, dict))
+        parts = []
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                parts.append(c if c.__class__ is str else _text(c))
+        return "\n".join(parts)
     p = body.get("prompt")
     if isinstance(p, str):
         return p
@@ -95,21 +100,27 @@ class RequestView:
     (:func:`prompt_text`) are built on first use: a classifier alone never reads the former,
     rules on the last message never pay for the latter."""
 
-    __slots__ = ("_body", "_chat", "_last", "_low", "_prompt", "headers", "max_tokens", "path", "tools", "user")
+    __slots__ = ("_body", "_chat", "_last", "_low", "_prompt", "headers", "path", "user")
 
     def __init__(self, body: Mapping[str, Any], path: str, headers: Mapping[str, str], user: str | None,
                  chat: bool = True) -> None:
         self.path = path
         self.headers = headers
         self.user = user
-        mt = body.get("max_tokens", body.get("max_completion_tokens"))
-        self.max_tokens = mt if mt.__class__ is int else None  # (not a bool)
-        self.tools = bool(body.get("tools"))
         self._body = body
         self._chat = chat
         self._last: str | None = None
         self._low: str | None = None
         self._prompt: str | None = None
+
+    @property
+    def max_tokens(self) -> int | None:
+        mt = self._body.get("max_tokens", self._body.get("max_completion_tokens"))
+        return mt if mt.__class__ is int else None  # (not a bool)
+
+    @property
+    def tools(self) -> bool:
+        return bool(self._body.get("tools"))
 
     @property
     def last_user(self) -> str:

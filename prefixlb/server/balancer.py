@@ -632,7 +632,10 @@ class Balancer:
         mt = body.get("max_tokens", body.get("max_completion_tokens"))
         out_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else None
         headers = [(k, v) for k, v in req.headers if k in _FORWARD]
-        if req.header(b"x-request-id") is None:
+        for k, _ in headers:  # (the forwarded few, not every header the client sent)
+            if k == b"x-request-id":
+                break
+        else:
             headers.append((b"x-request-id", f"plb-{_RID_PREFIX}-{next(_rid_counter):x}".encode()))
         headers.append(_JSON)
         tried: list[int] = []

@@ -65,6 +65,13 @@ class _Family:
             h = self.series[values] = Histogram(self.bounds)
         h.observe(v)  # type: ignore[union-attr]
 
+    def child(self, values: tuple[str, ...] = ()) -> Histogram:
+        """The histogram of one label set, to observe into directly on a hot path."""
+        h = self.series.get(values)
+        if h is None:
+            h = self.series[values] = Histogram(self.bounds)
+        return h  # type: ignore[return-value]
+
     def collect(self):
         if self.kind == "counter":
             fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)

@@ -176,6 +176,8 @@ class TierRouting:
         self.fb = {"served_judged": 0, "served_right": 0, "clf_judged": 0, "clf_sufficient": 0, "clf_exact": 0}
         self.dlog = DecisionLog(cfg.decision_log) if cfg.decision_log is not None else None
         self.metrics.extra.append(self._gauges)
+        self._score_hist = self.metrics.classifier_score.child()
+        self._decide_hist = self.metrics.tier_decision_seconds.child()
 
     async def close(self) -> None:
         if self.http_session is not None:
@@ -212,7 +214,7 @@ class TierRouting:
             d = self.pipeline.decide(view, self.b.clock(), cascade=model in self.routes)
             prompt = view.prompt_if_built  # else built for the decision log, off the request path
             if d.score is not None:
-                self.metrics.classifier_score.observe((), d.score)
+                self._score_hist.observe(d.score)
                 if self.drift is not None:
                     self.drift.observe(d.score)
             if d.classifier_error is not None:
@@ -226,7 +228,7 @@ class TierRouting:
         dt = time.perf_counter() - t0
         m = self.metrics
         m.tier_decisions.inc((d.tier, d.step))
-        m.tier_decision_seconds.observe((), dt)
+        self._decide_hist.observe(dt)
         t = Trace(rid, d, user, model, chat, body, prompt)
         t.decide_s = dt
         return t

@@ -189,13 +189,13 @@ class TierClassifier:
         ``tiers`` names the caller's tiers cheapest first, one per model tier (default: the
         model's own names).
         """
-        names = self.tiers if tiers is None else list(tiers)
+        names = self.tiers if tiers is None else tiers
         if len(names) != len(self.tiers):
-            raise ValueError(f"model routes among {len(self.tiers)} tiers {self.tiers}, got {len(names)}: {names}")
+            raise ValueError(f"model routes among {len(self.tiers)} tiers {self.tiers}, got {len(names)}: "
+                             f"{list(names)}")
         p = self._forward(prompt)
-        k = 0
-        t = self.threshold
-        while k < len(p) and p[k] >= t:
+        k, n, t = 0, len(p), self.threshold
+        while k < n and p[k] >= t:
             k += 1
         return names[k], float(p[0])
 
