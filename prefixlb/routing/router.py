@@ -419,7 +419,7 @@ class TierRouter:
         d.closed = True
         r = d.replica
         if d.first_token_at is None:
-            r.on_prefill_done(d.backlog_end, d.dispatched_at, now)
+            r.on_prefill_done(d.backlog_end, d.dispatched_at, now, sync=False)  # on_finish syncs
             if self.events is not None and d.inserted:
                 self.events.settle(r.id, d.chain, now)
         r.on_finish(d.prompt_tokens, d.kv_tokens)

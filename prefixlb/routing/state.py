@@ -431,8 +431,9 @@ class ReplicaState:
         self._sync()
         return end
 
-    def on_prefill_done(self, end: float, dispatched_at: float, now: float) -> None:
-        """Everything up to backlog position ``end`` (at ``dispatched_at``) has been prefilled."""
+    def on_prefill_done(self, end: float, dispatched_at: float, now: float, sync: bool = True) -> None:
+        """Everything up to backlog position ``end`` (at ``dispatched_at``) has been prefilled.
+        ``sync=False``: the caller writes the slab row next (``on_finish``)."""
         own = self._backlog - self._drained(now)
         own = own if own > 0.0 else 0.0
         # the fluid had drained (now - dispatched_at) * rate of that `end` already
@@ -442,7 +443,8 @@ class ReplicaState:
             own = own - left if own > left else 0.0
         self._backlog = own
         self._backlog_t = now
-        self._sync()
+        if sync:
+            self._sync()
 
     def on_finish(self, prompt_tokens: float, kv_tokens: float = 0.0) -> None:
         if self.inflight > 1:
