@@ -403,7 +403,8 @@ class TierRouter:
         # every sample, the regression of TTFT on an estimated queue reads the queue's errors
         # as a faster rate and a larger fixed cost (errors in the variable), the faster rate
         # drains the modelled queue too soon, and the errors grow: unstable under load.
-        if d.queued_at_dispatch <= self.params.learn_queue_share * (d.uncached_tokens if d.uncached_tokens > 1.0 else 1.0):
+        u = d.uncached_tokens if d.uncached_tokens > 1.0 else 1.0
+        if d.queued_at_dispatch <= self.params.learn_queue_share * u:
             r.observe_ttft(d.work_at_dispatch, now - d.dispatched_at, now)
         if self.events is not None and d.inserted:
             self.events.settle(r.id, d.chain, now)
