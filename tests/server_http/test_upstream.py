@@ -436,6 +436,37 @@ def test_hop_by_hop_request_headers_are_not_forwarded(aio):
     aio.run(go())
 
 
+def test_request_splitting_is_refused_and_nothing_is_sent(aio):
+    """A CR or LF anywhere in a header line (name or value, alone or paired) or in the path is
+    refused before anything is written; clean requests of every shape go through intact."""
+    async def go():
+        up = await FakeUpstream(answer_json).start()
+        pool = UpstreamPool(up.origin)
+        for headers in ([(b"x-bad", b"a\nb")], [(b"x-bad", b"a\rb")], [(b"x-b\r\nad", b"v")], [("x-str", "a\r\nb: c")],
+                        [(b"ok", b"1"), (b"x-bad", b"\n"), (b"ok2", b"2")]):
+            with pytest.raises(ValueError):
+                await pool.request("POST", "/x", headers, b"{}")
+        for path in ("/x y", "/x\r\nhost: evil", "/x\n"):
+            with pytest.raises(ValueError):
+                await pool.request("GET", path)
+        assert up.requests == []
+        big = b"x" * 200_000
+        for method, headers, body in (("GET", [], b""), ("POST", [(b"a", b"1"), ("b", "2")], b"{}"),
+                                      ("POST", [], big)):
+            async with await pool.request(method, "/y", headers, body) as resp:
+                await resp.read()
+            got = up.requests[-1]
+            assert got.body == body and got.header(b"content-length") == (str(len(body)).encode() if method == "POST"
+                                                                            else None)
+            for name, value in headers:
+                assert got.header(name.encode() if isinstance(name, str) else name) == (
+                    value.encode() if isinstance(value, str) else value)
+        await pool.close()
+        await up.stop()
+
+    aio.run(go())
+
+
 def test_slow_consumer_stops_reading_from_the_replica(aio):
     """Body bytes queued but not read stay bounded: the pool pauses reading (TCP backpressure)."""
     total = 8 * 1024 * 1024
