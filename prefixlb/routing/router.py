@@ -371,6 +371,8 @@ class TierRouter:
         if r is None:
             return None
         now = self.clock() if now is None else now
+        # a peer's numbers, held to what a local decision can produce (cached < prompt, >= 0)
+        cached_tokens = min(max(cached_tokens, 0.0), max(prompt_tokens - 1.0, 0.0))
         d = _decision(r, chain, 0, prompt_tokens, cached_tokens, 0.0, "remote", out_tokens, now, remote=True)
         self.dispatched(d, now)
         return d

@@ -315,13 +315,12 @@ class ReplicaState:
         """(prefill tokens queued ahead of a request dispatched now, sequences running, context
         tokens they hold): own accounting plus whatever a fresh scrape shows beyond it."""
         dt = now - self._backlog_t
+        own = self._backlog
         if dt > 0.0:  # (self._inv_rate, spelled out: this runs for every request)
             t = self.tier
-            own = self._backlog - dt / (t.inv_rate * (self.ratio if self.observations else t.mean_ratio))
-            if own < 0.0:
-                own = 0.0
-        else:
-            own = self._backlog
+            own -= dt / (t.inv_rate * (self.ratio if self.observations else t.mean_ratio))
+        if own < 0.0:
+            own = 0.0
         n, ctx = float(self.inflight), self.context
         if now - self.scraped_at <= 8 * self.params.staleness_s:
             w = self._freshness(now)

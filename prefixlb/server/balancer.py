@@ -650,7 +650,7 @@ class Balancer:
                     now = self.clock()
             except NoReplicaAvailable as exc:
                 if last is not None:
-                    raise last from None
+                    break  # the last attempt's error, raised below
                 raise errors.NoReplicaAvailable(f"{exc}; retry shortly", headers={"retry-after": "1"}) from None
             replica = self.replicas[d.replica.id]
             tried.append(replica.id)
@@ -670,7 +670,14 @@ class Balancer:
             last = outcome
             self.metrics.retries.inc((tier.name, type(outcome).__name__))
         assert last is not None
-        raise last
+        # Raised with no local left holding it: its traceback holds this frame, and a frame that
+        # held the error back would make a cycle keeping the request's body (up to
+        # max_body_bytes) alive until a cyclic collection, rare by design (serve's GC settings)
+        err, last, outcome = last, None, None
+        try:
+            raise err
+        finally:
+            err = None
 
     async def _wait_for_room(self, tier: Tier, key, tried: list[int], out_tokens, d: Decision) -> Decision:
         """Hold a request the router does not admit yet (``TierRouter.admits``) in the tier's

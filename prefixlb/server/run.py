@@ -41,10 +41,11 @@ async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False,
     # youngest generation is collected every ~50 requests instead of every ~2 (CPython's 700).
     # With the classifier on, perf put the collector at ~3% of the process, and CPU time a
     # request fell ~9% with the freeze and ~5% more with the threshold (scratch runs on a busy
-    # machine, so roughly). The simulator does the same.
+    # machine, so roughly). The simulator does the same. Undone when the server stops.
+    gc_threshold = gc.get_threshold()
     gc.collect()
     gc.freeze()
-    gc.set_threshold(20_000, *gc.get_threshold()[1:])
+    gc.set_threshold(20_000, *gc_threshold[1:])
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -77,6 +78,8 @@ async def serve_forever(config: Config, ready=None, *, reuse_port: bool = False,
     finally:
         log.info("prefixlb: draining (up to %.0fs)", config.drain_timeout_s)
         await balancer.stop()
+        gc.unfreeze()
+        gc.set_threshold(*gc_threshold)
 
 
 def _run_loop(coro) -> None:

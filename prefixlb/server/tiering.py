@@ -176,7 +176,8 @@ class TierRouting:
         self.fb = {"served_judged": 0, "served_right": 0, "clf_judged": 0, "clf_sufficient": 0, "clf_exact": 0}
         self.dlog = DecisionLog(cfg.decision_log) if cfg.decision_log is not None else None
         self.metrics.extra.append(self._gauges)
-        self._score_hist = self.metrics.classifier_score.child()
+        # (a classifier's score series exists only with a classifier)
+        self._score_hist = self.metrics.classifier_score.child() if self.classifier is not None else None
         self._decide_hist = self.metrics.tier_decision_seconds.child()
 
     async def close(self) -> None:
@@ -213,7 +214,7 @@ class TierRouting:
             view = request_view(body, req.path, headers, user, chat)
             d = self.pipeline.decide(view, self.b.clock(), cascade=model in self.routes)
             prompt = view.prompt_if_built  # else built for the decision log, off the request path
-            if d.score is not None:
+            if d.score is not None and self._score_hist is not None:
                 self._score_hist.observe(d.score)
                 if self.drift is not None:
                     self.drift.observe(d.score)

@@ -358,3 +358,17 @@ def test_consistent_hash_is_sticky_with_bounded_load():
 def test_unknown_policy_names_the_valid_ones():
     with pytest.raises(ValueError, match="cache_aware, round_robin, least_loaded, consistent_hash"):
         router(policy="nope")
+
+
+def test_a_peers_impossible_numbers_leave_no_negative_backlog():
+    """A peer's message claiming more cached than prompt tokens is held to what a local decision
+    can produce, and a replica's backlog never reads below zero, dispatched at this instant or later."""
+    t = TierRouter("t", clock=lambda: 0.0)
+    t.add_replica(0)
+    d = t.remote_dispatched(0, [], 10.0, 60.0, 0.0, now=1.0)
+    assert d is not None and d.cached_tokens == 9.0 and d.uncached_tokens == 1.0
+    r = t.replicas[0]
+    r._backlog = -50.0  # however it got there
+    for now in (r._backlog_t, r._backlog_t + 1.0):
+        assert r.backlog(now) == 0.0
+        assert r.feature(100.0, now)[1] == 0.0
