@@ -84,6 +84,17 @@ async def role_replica() -> None:
     await core._ready_and_wait(server.port)  # noqa: SLF001
 
 
+def start_replica() -> tuple[subprocess.Popen, str]:
+    """The fake replica in its own process, and its URL (stop it by closing its stdin)."""
+    p = subprocess.Popen([sys.executable, __file__, "--role", "replica"], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    line = p.stdout.readline()  # type: ignore[union-attr]
+    if not line.startswith("READY"):
+        p.kill()
+        raise RuntimeError(f"replica did not start: {line!r}")
+    return p, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
 def start_targets(replica: str, wanted: list[str]) -> tuple[dict[str, Target], dict[str, str]]:
     probe = ("/v1/chat/completions", BODY)
     how = {"prefixlb": ("prefixlb", "cache_aware"), "prefixlb-rr": ("round_robin", "cache_aware"),
@@ -186,12 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = dict(core.QUICK if args.quick else core.FULL)
     if args.rounds:
         cfg["rounds"] = args.rounds
-    replica = subprocess.Popen([sys.executable, __file__, "--role", "replica"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, text=True)
-    line = replica.stdout.readline()  # type: ignore[union-attr]
-    if not line.startswith("READY"):
-        raise RuntimeError(f"replica did not start: {line!r}")
-    rurl = f"http://127.0.0.1:{int(line.split()[1])}"
+    replica, rurl = start_replica()
     targets, skipped = start_targets(rurl, args.targets.split(","))
     try:
         urls = {"direct": rurl, **{n: t.url for n, t in targets.items()}}

@@ -178,10 +178,10 @@ def workers(quick: bool) -> dict:
 
     lua = Path(tempfile.mkstemp(suffix=".lua")[1])
     lua.write_text(_LUA)
-    rep = subprocess.Popen([sys.executable, str(HERE / "bench_overhead.py"), "--role", "replica"],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    import bench_overhead
+
+    rep, url = bench_overhead.start_replica()
     try:
-        url = f"http://127.0.0.1:{int(rep.stdout.readline().split()[1])}"  # type: ignore[union-attr]
         dur = "3s" if quick else "8s"
         rounds = 1 if quick else 3
         res: dict[int, list[float]] = {1: [], 2: []}

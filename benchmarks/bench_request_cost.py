@@ -176,13 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     replicas, urls = [], []
     try:
         for _ in TIERS:
-            rp = subprocess.Popen([sys.executable, bo.__file__, "--role", "replica"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, text=True)
+            rp, url = bo.start_replica()
             replicas.append(rp)
-            line = rp.stdout.readline()  # type: ignore[union-attr]
-            if not line.startswith("READY"):
-                raise RuntimeError(f"replica did not start: {line!r}")
-            urls.append(f"http://127.0.0.1:{int(line.split()[1])}")
+            urls.append(url)
         model_dir = None if args.no_classifier else (args.model or train_model(work))
         core.CHAT_BODY = bo.BODY.replace(b'"model":"llama-3.1-8b"', b'"model":"auto"')
         results = {}

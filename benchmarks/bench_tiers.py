@@ -513,13 +513,9 @@ def run_overhead(rounds: int, model_dir: Path | None, quick: bool) -> dict:
     cfg["rounds"] = rounds
     replicas, rurls = [], []
     for _ in TIERS:  # one fake replica per tier (a replica belongs to one tier)
-        rp = subprocess.Popen([sys.executable, bo.__file__, "--role", "replica"], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+        rp, url = bo.start_replica()
         replicas.append(rp)
-        line = rp.stdout.readline()  # type: ignore[union-attr]
-        if not line.startswith("READY"):
-            raise RuntimeError(f"replica did not start: {line!r}")
-        rurls.append(f"http://127.0.0.1:{int(line.split()[1])}")
+        rurls.append(url)
     rurl = rurls[0]
     work = Path(tempfile.mkdtemp(prefix="bench-tiers-overhead-"))
     base = {"listen": {"host": "127.0.0.1", "port": 0},
