@@ -10,7 +10,25 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from prefixlb.routing import CostParams, ReplicaState
-from prefixlb.routing.scoring import F_COUNT, NATIVE_SCORE, score_py
+from prefixlb.routing.scoring import (
+    F_AVG_PROMPT,
+    F_AVG_UNC,
+    F_BACKLOG,
+    F_BACKLOG_T,
+    F_CONTEXT,
+    F_COUNT,
+    F_INFLIGHT,
+    F_KV,
+    F_KV_ALLOC,
+    F_KV_CAP,
+    F_RATIO,
+    F_RESERVED,
+    F_RUNNING,
+    F_SCRAPED_AT,
+    F_WAITING,
+    NATIVE_SCORE,
+    score_py,
+)
 from prefixlb.routing.state import TierModel
 
 native = pytest.importorskip("prefixlb.index._native")
@@ -110,3 +128,24 @@ def test_within_the_tie_band_the_least_load_wins_not_the_replica_that_looks_fast
     busy, idle = pick(0.0)[0], pick(0.05)[0]
     assert busy == 0  # by predicted TTFT alone the busy replica wins (its ratio says it is faster)
     assert idle == 1  # inside the band the idle one does: 2.5% apart is within the ratios' noise
+
+
+def test_a_replicas_row_holds_its_state_field_by_field():
+    """``ReplicaState._sync`` writes its row in one call (struct.pack_into): every field lands at
+    its F_* offset, in its own row only, and the reserved slot stays untouched."""
+    slab = array("d", [-7.0] * (3 * F_COUNT))
+    r = ReplicaState(1, params=CostParams(), slab=slab)
+    r._backlog, r._backlog_t, r.context, r.scraped_at = 101.0, 2.5, 303.0, 4.25
+    r.ratio, r.observations = 1.25, 3
+    r.scraped_waiting, r.scraped_running, r.scraped_kv_usage, r.index_fullness = 2.0, 3.0, 0.4, 0.6
+    r.avg_uncached, r.avg_prompt, r.inflight, r.kv_alloc, r.capacity_tokens = 11.0, 22.0, 7, 123.0, 4567
+    r._sync()
+    want = {F_BACKLOG: 101.0, F_BACKLOG_T: 2.5, F_RATIO: 1.25, F_CONTEXT: 303.0, F_SCRAPED_AT: 4.25, F_WAITING: 2.0,
+            F_RUNNING: 3.0, F_KV: 0.6, F_AVG_UNC: 11.0, F_AVG_PROMPT: 22.0, F_INFLIGHT: 7.0, F_KV_ALLOC: 123.0,
+            F_KV_CAP: 4567.0, F_RESERVED: -7.0}
+    assert sorted(want) == list(range(F_COUNT))
+    assert {f: slab[F_COUNT + f] for f in want} == want
+    assert list(slab[:F_COUNT]) == [-7.0] * F_COUNT and list(slab[2 * F_COUNT:]) == [-7.0] * F_COUNT
+    r.observations, r.capacity_tokens, r.scraped_kv_usage = 0, None, 0.9
+    r._sync()
+    assert (slab[F_COUNT + F_RATIO], slab[F_COUNT + F_KV_CAP], slab[F_COUNT + F_KV]) == (-1.0, 0.0, 0.9)
