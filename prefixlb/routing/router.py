@@ -76,10 +76,8 @@ def _decision(replica: ReplicaState, chain: object, matched_blocks: int, prompt_
               predicted_ttft: float, policy: str, out_tokens: float, decided_at: float, decision_s: float = 0.0,
               remote: bool = False) -> Decision:
     u = prompt_tokens - cached_tokens
-    d = Decision(replica, chain, matched_blocks, prompt_tokens, cached_tokens, predicted_ttft, policy, out_tokens,
-                 decided_at, u, u + out_tokens, decision_s)
-    d.remote = remote
-    return d
+    return Decision(replica, chain, matched_blocks, prompt_tokens, cached_tokens, predicted_ttft, policy, out_tokens,
+                    decided_at, u, u + out_tokens, decision_s, remote=remote)
 
 
 class TierRouter:

@@ -44,29 +44,12 @@ import struct
 from array import array
 from dataclasses import dataclass
 
-from .scoring import (
-    F_AVG_PROMPT,
-    F_AVG_UNC,
-    F_BACKLOG,
-    F_BACKLOG_T,
-    F_CONTEXT,
-    F_COUNT,
-    F_INFLIGHT,
-    F_KV,
-    F_KV_ALLOC,
-    F_KV_CAP,
-    F_RATIO,
-    F_RUNNING,
-    F_SCRAPED_AT,
-    F_WAITING,
-)
+from .scoring import F_COUNT
 
-# a row's fields after the reserved one, in slab order, written with one call (an ``array``
-# item assignment parses its argument each time: 13 of them cost ~4K instructions, this ~1K)
-_ROW_FIELDS = (F_BACKLOG, F_BACKLOG_T, F_RATIO, F_CONTEXT, F_SCRAPED_AT, F_WAITING, F_RUNNING, F_KV, F_AVG_UNC,
-               F_AVG_PROMPT, F_INFLIGHT, F_KV_ALLOC, F_KV_CAP)
-assert _ROW_FIELDS == tuple(range(1, F_COUNT)), "the row is written in slab order"
-_ROW = struct.Struct(f"={len(_ROW_FIELDS)}d")
+# a row's fields after the reserved one (F_BACKLOG .. F_KV_CAP, scoring.py's order), written
+# with one call: an ``array`` item assignment parses its argument each time. The order is
+# tested field by field (tests/routing/test_scoring.py)
+_ROW = struct.Struct(f"={F_COUNT - 1}d")
 
 __all__ = ["CostParams", "ReplicaState", "TierModel"]
 
@@ -252,7 +235,9 @@ class ReplicaState:
     # -- the scoring slab ------------------------------------------------------------------
 
     def _sync(self) -> None:
-        """Write this replica's row of the tier's slab (what the native scoring loop reads)."""
+        """Write this replica's row of the tier's slab (what the native scoring loop reads), in
+        slab order: backlog, its time, ratio, context, scraped_at, waiting, running, KV pressure,
+        avg uncached, avg prompt, inflight, KV allocated, KV capacity."""
         # cache pressure (F_KV): vLLM's kv_cache_usage_perc counts cached-but-idle blocks as free,
         # so it reads low exactly when the prefix cache is full; the index's own fullness does not
         kv = self.scraped_kv_usage if self.scraped_kv_usage > self.index_fullness else self.index_fullness

@@ -214,8 +214,8 @@ class TierRouting:
             view = request_view(body, req.path, headers, user, chat)
             d = self.pipeline.decide(view, self.b.clock(), cascade=model in self.routes)
             prompt = view.prompt_if_built  # else built for the decision log, off the request path
-            if d.score is not None and self._score_hist is not None:
-                self._score_hist.observe(d.score)
+            if d.score is not None:  # (only a classifier gives one)
+                self._score_hist.observe(d.score)  # type: ignore[union-attr]
                 if self.drift is not None:
                     self.drift.observe(d.score)
             if d.classifier_error is not None:

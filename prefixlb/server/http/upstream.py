@@ -533,7 +533,7 @@ class UpstreamPool:
         head = b"".join(parts)
         if head.count(b"\n") != len(parts) or head.count(b"\r") != len(parts):
             bad = next(x for x in parts if x.count(b"\n") != 1 or x.count(b"\r") != 1)
-            raise ValueError(f"invalid request header line {bad!r}")
+            raise ValueError(f"invalid request line or header: {bad!r}")
         if body or method not in (b"GET", b"HEAD"):
             return b"".join((head, b"content-length: %d\r\n\r\n" % len(body), body))
         return head + b"\r\n"
@@ -561,8 +561,8 @@ class UpstreamPool:
             method = method.encode("ascii")  # type: ignore[union-attr]
         if path.__class__ is str:
             path = path.encode("latin-1")  # type: ignore[union-attr]
-        # (``find``, not ``in``: see _encode)
-        if path.find(b" ") >= 0 or path.find(b"\r") >= 0 or path.find(b"\n") >= 0:  # type: ignore[union-attr]
+        # a space here; CR and LF anywhere in the head are refused by _encode (``find``, not ``in``: see there)
+        if path.find(b" ") >= 0:  # type: ignore[union-attr]
             raise ValueError(f"invalid request path {path!r}")
         data = self._encode(method, path, headers, body)  # type: ignore[arg-type]
         head_only = method == b"HEAD"
