@@ -1,7 +1,8 @@
 """The balancer's Prometheus metrics (``prefixlb_*``; units in the names).
 
 The request path only adds to plain Python numbers (a dict lookup and an addition per
-sample); the metric families are built when ``/metrics`` is scraped, by a collector registered
+sample, or only the addition through a series kept at hand: ``_Family.cell``/``child``); the
+metric families are built when ``/metrics`` is scraped, by a collector registered
 in a private registry (tests run several balancers in one process). prometheus-client's own
 Counter/Histogram objects take a lock per update, which cost more than the routing decision
 at a few thousand requests a second. Gauges that mirror live state (in-flight, health,
@@ -16,11 +17,20 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-__all__ = ["BalancerMetrics", "Histogram"]
+__all__ = ["BalancerMetrics", "Cell", "Histogram"]
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0)
 SCORE_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
 DECISION_BUCKETS = (5e-6, 1e-5, 2e-5, 3e-5, 5e-5, 7.5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 5e-3)
+
+
+class Cell:
+    """One counter series' value (``_Family.cell``): ``cell.v += amount`` is ``inc``."""
+
+    __slots__ = ("v",)
+
+    def __init__(self) -> None:
+        self.v = 0.0
 
 
 class Histogram:
@@ -47,7 +57,8 @@ class Histogram:
 
 
 class _Family:
-    """One labelled series family: ``{label values: number or Histogram}``."""
+    """One labelled series family: ``{label values: Cell or Histogram}``, a series added when
+    first counted or observed."""
 
     __slots__ = ("name", "doc", "labels", "kind", "bounds", "series")
 
@@ -56,8 +67,18 @@ class _Family:
         self.series: dict[tuple[str, ...], object] = {}
 
     def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
-        s = self.series
-        s[values] = s.get(values, 0.0) + amount
+        c = self.series.get(values)
+        if c is None:
+            c = self.series[values] = Cell()
+        c.v += amount  # type: ignore[union-attr]
+
+    def cell(self, values: tuple[str, ...] = ()) -> Cell:
+        """The counter series of one label set, to add to directly on a hot path (created here,
+        as ``inc`` would: call it when about to count)."""
+        c = self.series.get(values)
+        if c is None:
+            c = self.series[values] = Cell()
+        return c  # type: ignore[return-value]
 
     def observe(self, values: tuple[str, ...], v: float) -> None:
         h = self.series.get(values)
@@ -66,7 +87,8 @@ class _Family:
         h.observe(v)  # type: ignore[union-attr]
 
     def child(self, values: tuple[str, ...] = ()) -> Histogram:
-        """The histogram of one label set, to observe into directly on a hot path."""
+        """The histogram of one label set, to observe into directly on a hot path (created here,
+        as ``observe`` would)."""
         h = self.series.get(values)
         if h is None:
             h = self.series[values] = Histogram(self.bounds)
@@ -75,8 +97,8 @@ class _Family:
     def collect(self):
         if self.kind == "counter":
             fam = CounterMetricFamily(self.name, self.doc, labels=self.labels)
-            for lv, v in self.series.items():
-                fam.add_metric(list(lv), v)
+            for lv, c in self.series.items():
+                fam.add_metric(list(lv), c.v)  # type: ignore[union-attr]
         else:
             fam = HistogramMetricFamily(self.name, self.doc, labels=self.labels)
             for lv, h in self.series.items():

@@ -359,3 +359,33 @@ def test_many_pipelined_requests_beyond_the_queue_bound_are_all_answered_in_orde
         await server.close(1)
 
     aio.run(go())
+
+
+def test_rendered_lines_go_after_the_headers_in_respond_and_start(aio):
+    """``lines=``: header lines rendered ahead (the balancer's x-prefixlb-*), written after the
+    caller's headers and before the framing ones, in a whole response and a streamed one."""
+
+    async def handler(req: Request) -> None:
+        lines = b"x-one: 1\r\nx-two: 2\r\n"
+        if req.path == "/whole":
+            req.respond(200, [(b"x-first", b"0")], b"abc", lines)
+        else:
+            out = req.start(200, [(b"x-first", b"0")], lines=lines)
+            await out.write(b"abc")
+            await out.end()
+
+    async def go():
+        server = await serve(handler)
+        c = await RawClient.connect(server.port)
+        whole = await c.request("GET", "/whole")
+        streamed = await c.request("GET", "/stream")
+        for r in (whole, streamed):
+            assert r.status == 200 and r.body == b"abc"
+            names = [k for k, _ in r.headers]
+            assert names[:3] == [b"x-first", b"x-one", b"x-two"]
+            assert r.header(b"x-two") == b"2"
+        assert whole.header(b"content-length") == b"3" and streamed.header(b"transfer-encoding") == b"chunked"
+        await c.close()
+        await server.close(1)
+
+    aio.run(go())

@@ -60,3 +60,14 @@ def test_same_as_the_reference(headers):
         return
     out: list[bytes] = []
     assert (out, header_lines(headers, out)) == want
+
+
+def test_rendered_lines_are_the_lines_header_lines_writes():
+    from prefixlb.server.http import render_header_lines
+
+    pairs = [(b"x-a", b"1"), ("X-B", "two: 2"), (b"content-length", b"9")]
+    out: list[bytes] = []
+    header_lines(pairs, out)
+    assert render_header_lines(pairs) == b"".join(out) == b"x-a: 1\r\nX-B: two: 2\r\n"
+    with pytest.raises(ValueError, match="invalid response header"):
+        render_header_lines([(b"x-a", b"1\r\nx-evil: 1")])

@@ -34,7 +34,7 @@ from .limits import Limits, UpstreamLimits
 from .relay import relay, relay_body
 from .server import Handler, HTTPServer, Request, ResponseStream
 from .upstream import PoolStats, UpstreamPool, UpstreamResponse
-from .wire import HOP_BY_HOP, end_to_end
+from .wire import HOP_BY_HOP, end_to_end, render_header_lines
 
 __all__ = [
     "HOP_BY_HOP",
@@ -59,4 +59,5 @@ __all__ = [
     "error_body",
     "relay",
     "relay_body",
+    "render_header_lines",
 ]

@@ -180,11 +180,14 @@ class Request:
 
     # -- responding -----------------------------------------------------------------------
 
-    def respond(self, status: int, headers: Headers = (), body: bytes = b"") -> None:
+    def respond(self, status: int, headers: Headers = (), body: bytes = b"", lines: bytes = b"") -> None:
         """Send a complete response; ``content-length`` is set from ``body``.
 
-        Raises RuntimeError if a response was already started, ClientDisconnected if the
-        client is gone. Framing headers given by the caller are ignored.
+        ``lines``: more header lines, already rendered and checked (``render_header_lines``),
+        written after ``headers`` (what the proxy adds to every answer, built once instead of
+        per request). Raises RuntimeError if a response was already started,
+        ClientDisconnected if the client is gone. Framing headers given by the caller are
+        ignored.
         """
         if self._state != _NEW:
             raise RuntimeError(f"response already {'started' if self._state == _STARTED else 'sent'}")
@@ -195,6 +198,8 @@ class Request:
         no_body = status in _NO_BODY_STATUS or status < 200
         parts = [status_line(status)]
         header_lines(headers, parts)  # may raise ValueError: the state is still NEW then
+        if lines:
+            parts.append(lines)
         self._state = _DONE
         if not no_body:
             parts.append(b"content-length: %d\r\n" % len(body))
@@ -235,12 +240,14 @@ class Request:
         if not conn.closed:
             conn.transport.close()
 
-    def start(self, status: int, headers: Headers = (), *, content_length: int | None = None) -> ResponseStream:
+    def start(self, status: int, headers: Headers = (), *, content_length: int | None = None,
+              lines: bytes = b"") -> ResponseStream:
         """Commit status and headers and return the stream that writes the body.
 
         Nothing is sent yet: the header block goes out with the first body bytes (one
         ``transport.write``), or on ``send_headers()``/``end()``. Without ``content_length``
         (argument or header) the body is sent chunked (HTTP/1.1) or close-delimited (HTTP/1.0).
+        ``lines`` as in ``respond()``.
         """
         if self._state != _NEW:
             raise RuntimeError(f"response already {'started' if self._state == _STARTED else 'sent'}")
@@ -250,6 +257,8 @@ class Request:
             raise ClientDisconnected("client disconnected before the response")
         parts = [status_line(status)]
         given = header_lines(headers, parts)
+        if lines:
+            parts.append(lines)
         if content_length is None:
             content_length = given
         no_body = status in _NO_BODY_STATUS or status < 200 or self.method == "HEAD"

@@ -18,6 +18,7 @@ __all__ = [
     "chunk_frame",
     "end_to_end",
     "header_lines",
+    "render_header_lines",
     "status_line",
 ]
 
@@ -117,6 +118,15 @@ def header_lines(headers: Headers, out: list[bytes], skip: frozenset[bytes] = FR
         del out[start:]
         raise
     return content_length
+
+
+def render_header_lines(headers: Headers) -> bytes:
+    """``headers`` as the lines ``header_lines`` writes for them, joined: a ``lines=`` argument
+    of ``Request.respond``/``start`` built once and sent with many responses. Raises ValueError
+    as ``header_lines`` does (framing headers are dropped as there)."""
+    out: list[bytes] = []
+    header_lines(headers, out)
+    return b"".join(out)
 
 
 def end_to_end(headers: Iterable[tuple[bytes, bytes]], *, drop: frozenset[bytes] = frozenset()) -> list[tuple[bytes, bytes]]:
