@@ -68,6 +68,12 @@ def prompt_text(body: Mapping[str, Any], chat: bool) -> str:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return ""
+        if len(msgs) == 1:  # (the join of one part is that part: no list, no join)
+            m = msgs[0]
+            if isinstance(m, dict):
+                c = m.get("content")
+                return c if c.__class__ is str else _text(c)
+            return ""
         parts = []
         for m in msgs:
             if isinstance(m, dict):
@@ -237,6 +243,11 @@ class ClassifierMode:
     ENABLED, SHADOW, KILLED = "enabled", "shadow", "killed"
 
 
+# (a module global is one lookup; ClassifierMode.X is a class attribute read, unspecialised in
+# CPython 3.11, on every decision)
+_ENABLED, _KILLED = ClassifierMode.ENABLED, ClassifierMode.KILLED
+
+
 # -- decisions --------------------------------------------------------------------------------------
 
 
@@ -310,23 +321,31 @@ class TierPipeline:
         for i, r in enumerate(self.rules):
             if r.matches(view):
                 return self._offset(self._rule_decisions[i][cascade], view, now)
-        if self.mode == ClassifierMode.KILLED:
-            return self._offset(self._default_decisions[cascade], view, now)
-        score = shadow = err = None
-        try:
-            tier, score = self.classifier.choose(view.prompt, self.tiers)  # type: ignore[union-attr]
+        return self._offset(self.decide_prompt(None, True, cascade, view)[0], view, now)
+
+    def decide_prompt(self, body: Mapping[str, Any] | None, chat: bool, cascade: bool = False,
+                      view: RequestView | None = None) -> tuple[TierDecision, str | None]:
+        """The steps after the rules (classifier, default) before any per-user offset: the
+        decision, and the prompt if the classifier read it (else None: not built) -
+        ``view.prompt``, or ``prompt_text(body, chat)`` without a view. Without rules and per-user
+        offsets this is ``decide``, with no :class:`RequestView` to build."""
+        if self.mode == _KILLED:
+            return self._default_decisions[cascade], None
+        score = shadow = err = prompt = None
+        try:  # (the prompt is built inside: view.prompt always was)
+            prompt = prompt_text(body, chat) if view is None else view.prompt  # type: ignore[arg-type]
+            tier, score = self.classifier.choose(prompt, self.tiers)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - a broken model must not take requests down
             err = f"{type(exc).__name__}: {exc}"
         else:
             if tier not in self._rank:
                 err = f"classifier chose unknown tier {tier!r}"
-            elif self.mode == ClassifierMode.ENABLED:
-                return self._offset(TierDecision(tier, CLASSIFIER, score, None, None, cascade), view, now)
+            elif self.mode == _ENABLED:
+                return TierDecision(tier, CLASSIFIER, score, None, None, cascade), prompt
             else:
                 shadow = tier
-        d = TierDecision(self.default_tier, DEFAULT, score=score, shadow_tier=shadow, cascade=cascade,
-                         classifier_error=err)
-        return self._offset(d, view, now)
+        return TierDecision(self.default_tier, DEFAULT, score=score, shadow_tier=shadow, cascade=cascade,
+                            classifier_error=err), prompt
 
     def _offset(self, d: TierDecision, view: RequestView, now: float) -> TierDecision:
         uo = self.user_offsets

@@ -24,6 +24,7 @@ import os
 import random
 import time
 from array import array
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,10 +55,10 @@ from .http import (
     UpstreamPool,
     UpstreamTimeout,
     end_to_end,
+    render_header_lines,
 )
-from .metrics import BalancerMetrics
-from .tiering import CURRENT as _TIER_TRACE
-from .tiering import TierRouting
+from .metrics import BalancerMetrics, Cell, Histogram
+from .tiering import TierRouting, Trace
 
 __all__ = ["Balancer"]
 
@@ -136,6 +137,13 @@ class Balancer:
         self._event_sources: list[EventSource] = []
         self._tok_pool = None
         self._tok_rr = 0
+        # replica id -> its x-prefixlb-tier and -replica response headers as written on the wire,
+        # rendered once (None: a name that is not a header value, sent as pairs and refused then)
+        self._replica_lines: dict[int, bytes | None] = {}
+        # the metric series _account adds to, kept at hand: replica id -> its _ReplicaSeries;
+        # tier name -> its route-decision histogram
+        self._series: dict[int, _ReplicaSeries] = {}
+        self._decision_hists: dict[str, Histogram] = {}
         self.config_source: Callable[[], Config] | None = None  # re-reads the config file (reload)
         self._discovery_sources: list = []
         self.discovery = None  # Reconciler when discovery is configured
@@ -424,6 +432,10 @@ class Balancer:
         self.replicas[rid] = r
         self._by_url[url] = r
         self.pools[rid] = UpstreamPool(url, connect_timeout=self.config.connect_timeout_s)
+        try:
+            self._replica_lines[rid] = render_header_lines(_replica_headers(tier, r))
+        except ValueError:  # (UnicodeEncodeError included)
+            self._replica_lines[rid] = None
         tier.router.add_replica(rid, url, capacity_tokens)
         if capacity_tokens is not None:
             self._capacity_configured.add(rid)
@@ -592,7 +604,9 @@ class Balancer:
         if tiering is None:
             tier = self._resolve(model)
         else:  # explicit -> rules -> classifier -> default, then maybe a cascade
-            trace = tiering.decide(req, body, chat, model)
+            # the headers _forward sends upstream, built here once: the request id is among them
+            fwd = [(k, v) for k, v in req.headers if k in _FORWARD]
+            trace = tiering.decide(req, body, chat, model, fwd)
             tier = self.tiers[trace.decision.tier]
         try:
             key = prompt_key(body, chat)
@@ -613,10 +627,27 @@ class Balancer:
             else:
                 key = token_key(ids, body)
         started = time.perf_counter()
-        if tiering is not None:
-            await tiering.run(req, trace, tier, body, chat, model, key, stream, started, prepared)
+        if tiering is None:
+            await self._forward(req, tier, body, model, key, stream, started, prepared)
             return
-        await self._forward(req, tier, body, model, key, stream, started, prepared)
+        # as decided: forwarded once, or through the cascade; then the trace is finished (here,
+        # not in a coroutine of TierRouting's: one coroutine less to create, and to pass through
+        # at every resumption of the request's task)
+        try:
+            if trace.decision.cascade:
+                from .cascade import run_cascade
+
+                await run_cascade(tiering, req, trace, tier, body, chat, model, key, stream, started, prepared)
+            else:
+                await self._forward(req, tier, body, model, key, stream, started, prepared, trace, fwd)
+        except errors.PrefixlbError as exc:
+            trace.status = exc.status
+            raise
+        except BaseException:
+            trace.status = 499  # the client went away (nginx's code for it)
+            raise
+        finally:
+            tiering.finish(trace, started)
 
     def _upstream_body(self, req: Request, body: dict, model: str | None, replica: Replica, tier: Tier) -> bytes:
         target = tier.model or (min(replica.models) if replica.models else None)
@@ -626,17 +657,24 @@ class Balancer:
         return orjson.dumps(body)
 
     async def _forward(self, req: Request, tier: Tier, body: dict, model: str | None, key, stream: bool,
-                       started: float, prepared=None) -> None:
+                       started: float, prepared=None, trace: Trace | None = None,
+                       forward_headers: list[tuple[bytes, bytes]] | None = None) -> None:
+        """Send the request to the tier's best replica, retrying on others before the first byte.
+        ``trace``: the request's tier-routing trace (None without tier routing);
+        ``forward_headers``: the request's headers to send upstream, if already picked (with
+        its x-request-id: ``TierRouting.decide``); taken over."""
         router = tier.router
         cfg = self.config
         mt = body.get("max_tokens", body.get("max_completion_tokens"))
         out_tokens = mt if isinstance(mt, int) and not isinstance(mt, bool) and mt > 0 else None
-        headers = [(k, v) for k, v in req.headers if k in _FORWARD]
-        for k, _ in headers:  # (the forwarded few, not every header the client sent)
-            if k == b"x-request-id":
-                break
-        else:
-            headers.append((b"x-request-id", f"plb-{_RID_PREFIX}-{next(_rid_counter):x}".encode()))
+        headers = forward_headers
+        if headers is None:
+            headers = [(k, v) for k, v in req.headers if k in _FORWARD]
+            for k, _ in headers:  # (the forwarded few, not every header the client sent)
+                if k == b"x-request-id":
+                    break
+            else:
+                headers.append((b"x-request-id", f"plb-{_RID_PREFIX}-{next(_rid_counter):x}".encode()))
         headers.append(_JSON)
         tried: list[int] = []
         last: errors.PrefixlbError | None = None
@@ -659,12 +697,16 @@ class Balancer:
                 self._sync(replica)
                 continue
             attempts += 1
-            self.metrics.decision_seconds.observe((tier.name,), d.decision_s)
+            h = self._decision_hists.get(tier.name)  # metrics.decision_seconds.observe((tier.name,), ...)
+            if h is None:
+                h = self._decision_hists[tier.name] = self.metrics.decision_seconds.child((tier.name,))
+            h.counts[bisect_left(h.bounds, d.decision_s)] += 1  # (Histogram.observe, inlined)
+            h.sum += d.decision_s
             ub = self._upstream_body(req, body, model, replica, tier)
             router.dispatched(d, now, track_prefill=stream)  # a streamed request's first byte is seen
             if prepared is not None and not prepared.complete:
                 self._finish_tokens(tier, d, prepared, key.seed)
-            outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key)
+            outcome = await self._attempt(req, tier, replica, d, headers, ub, stream, started, key, trace)
             if outcome is None:
                 return
             last = outcome
@@ -715,7 +757,7 @@ class Balancer:
             self.metrics.admission_wait_seconds.observe((tier.name,), loop.time() - t0)
 
     async def _attempt(self, req, tier: Tier, replica: Replica, d: Decision, headers, ub: bytes, stream: bool,
-                       started: float, key: PromptKey) -> errors.PrefixlbError | None:
+                       started: float, key: PromptKey, trace: Trace | None) -> errors.PrefixlbError | None:
         """One attempt on one replica. Returns an error to retry elsewhere, or None when the
         client has been answered (successfully or not)."""
         router = tier.router
@@ -743,20 +785,29 @@ class Balancer:
                 self._replica_failed(replica, f"HTTP {status}: {text}")
                 return errors.UpstreamFailed(f"replica {replica.url} answered {status}: {text}")
             replica.breaker.record(True, self.clock())
-            extra = ((b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", replica.url.encode()))
-            trace = _TIER_TRACE.get()
-            if trace is not None:
-                extra += trace.response_headers
+            # the headers the balancer adds, rendered ahead (the replica's, then the trace's);
+            # as pairs when one of them could not be (``extra``: refused with the response then)
+            lines = self._replica_lines.get(replica.id)
+            if trace is not None and lines is not None:
+                tl = trace.lines if trace.cascade is None else trace.cascade_lines()
+                lines = None if tl is None else lines + tl
+            if lines is None:
+                extra = _replica_headers(tier, replica)
+                if trace is not None:
+                    extra += trace.response_headers
+                lines = b""
+            else:
+                extra = ()
             ctype = resp.header(b"content-type") or b""
             if stream and resp.status == 200 and b"event-stream" in ctype:
-                usage = await self._relay_stream(req, resp, tier, replica, d, extra, started)
+                usage = await self._relay_stream(req, resp, tier, replica, d, extra, started, lines)
             else:
-                usage = await self._relay_whole(req, resp, tier, replica, d, extra)
+                usage = await self._relay_whole(req, resp, tier, replica, d, extra, lines)
             status, resp = resp.status, None
             router.finished(d, self.clock(), usage,
                             prompt_text_bytes=key.text_bytes if key.token_ids is None else None)
             closed = True
-            self._account(tier, replica, d, usage, started, status)
+            self._account(tier, replica, d, usage, started, status, trace)
             if not access.disabled:
                 self._access(req, headers, tier, replica, d, usage, started, status)
             return None
@@ -784,11 +835,12 @@ class Balancer:
             resp.abort()
         return b"".join(chunks)
 
-    async def _relay_whole(self, req, resp, tier, replica, d, extra) -> dict | None:
+    async def _relay_whole(self, req, resp, tier, replica, d, extra, lines: bytes) -> dict | None:
         body = await self._read_all(resp)
         headers = end_to_end(resp.headers)
-        headers.extend(extra)
-        req.respond(resp.status, headers, body)
+        if extra:
+            headers.extend(extra)
+        req.respond(resp.status, headers, body, lines)
         if resp.status != 200:
             return None
         try:
@@ -798,11 +850,12 @@ class Balancer:
         u = parsed.get("usage") if isinstance(parsed, dict) else None
         return u if isinstance(u, dict) else None
 
-    async def _relay_stream(self, req, resp, tier, replica, d, extra, started) -> dict | None:
+    async def _relay_stream(self, req, resp, tier, replica, d, extra, started, lines: bytes) -> dict | None:
         router = tier.router
         headers = end_to_end(resp.headers)
-        headers.extend(extra)
-        out = req.start(resp.status, headers)
+        if extra:
+            headers.extend(extra)
+        out = req.start(resp.status, headers, lines=lines)
         prev = last = b""  # the usage event (include_usage) is in the last chunk or two
         first = True
         try:
@@ -903,24 +956,47 @@ class Balancer:
         self._sync(replica)
 
     def _account(self, tier: Tier, replica: Replica, d: Decision, usage: dict | None, started: float,
-                 status: int) -> None:
-        m = self.metrics
-        m.requests.inc((tier.name, replica.url, str(status)))
-        m.e2e_seconds.observe((tier.name,), time.perf_counter() - started)
-        m.predicted_cached.inc((tier.name, replica.url), d.cached_tokens)
+                 status: int, trace: Trace | None = None) -> None:
+        # the families' inc()/observe() on series kept at hand (each created when first counted,
+        # as those would): this runs for every answer, and a call and a label tuple cost more
+        # than the addition
+        e = time.perf_counter() - started
+        a = self._series.get(replica.id)
+        if a is None:
+            a = self._series[replica.id] = _ReplicaSeries()
+        c = a.requests.get(status)
+        if c is None:
+            c = a.requests[status] = self.metrics.requests.cell((tier.name, replica.url, str(status)))
+        c.v += 1.0
+        h = a.e2e
+        if h is None:
+            h = a.e2e = self.metrics.e2e_seconds.child((tier.name,))
+        h.counts[bisect_left(h.bounds, e)] += 1
+        h.sum += e
+        c = a.predicted
+        if c is None:
+            c = a.predicted = self.metrics.predicted_cached.cell((tier.name, replica.url))
+        c.v += d.cached_tokens
         if usage:
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
             if isinstance(cached, int):
-                m.actual_cached.inc((tier.name, replica.url), cached)
-            p, c = usage.get("prompt_tokens"), usage.get("completion_tokens")
-            if isinstance(p, int) and isinstance(c, int):
-                m.prompt_tokens.inc((tier.name,), p)
-                m.completion_tokens.inc((tier.name,), c)
-                m.cost.inc((tier.name,), (p * tier.input_per_mtok + c * tier.output_per_mtok) / 1e6)
-        trace = _TIER_TRACE.get()
+                c = a.actual
+                if c is None:
+                    c = a.actual = self.metrics.actual_cached.cell((tier.name, replica.url))
+                c.v += cached
+            p, n = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            if isinstance(p, int) and isinstance(n, int):
+                if a.prompt is None:
+                    m = self.metrics
+                    a.prompt, a.completion, a.cost = (m.prompt_tokens.cell((tier.name,)),
+                                                      m.completion_tokens.cell((tier.name,)),
+                                                      m.cost.cell((tier.name,)))
+                a.prompt.v += p
+                a.completion.v += n  # type: ignore[union-attr]
+                a.cost.v += (p * tier.input_per_mtok + n * tier.output_per_mtok) / 1e6  # type: ignore[union-attr]
         if trace is not None:  # tier routing: the request's trace records every attempt paid for
-            trace.attempt(tier, replica.url, d.cached_tokens, usage, status)
+            trace.attempts.append((tier, replica.url, d.cached_tokens, usage, status))
 
     # -- admin -------------------------------------------------------------------------------------------
 
@@ -1076,6 +1152,8 @@ class Balancer:
         tier.router.remove_replica(r.id)
         tier.replicas.pop(r.id, None)
         self.replicas.pop(r.id, None)
+        self._replica_lines.pop(r.id, None)
+        self._series.pop(r.id, None)
         if self._by_url.get(r.url) is r:
             del self._by_url[r.url]
         if self.events is not None:
@@ -1083,6 +1161,27 @@ class Balancer:
         pool = self.pools.pop(r.id, None)
         if pool is not None:
             await pool.close()
+
+
+class _ReplicaSeries:
+    """The metric series ``Balancer._account`` adds to for one replica (None until first used;
+    the per-tier ones are shared with the tier's other replicas, being the family's)."""
+
+    __slots__ = ("actual", "completion", "cost", "e2e", "predicted", "prompt", "requests")
+
+    def __init__(self) -> None:
+        self.requests: dict[int, Cell] = {}  # by HTTP status
+        self.e2e: Histogram | None = None
+        self.predicted: Cell | None = None
+        self.actual: Cell | None = None
+        self.prompt: Cell | None = None
+        self.completion: Cell | None = None
+        self.cost: Cell | None = None
+
+
+def _replica_headers(tier: Tier, replica: Replica) -> tuple[tuple[bytes, bytes], ...]:
+    """The headers naming who answered, on every answer relayed from ``replica``."""
+    return (b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", replica.url.encode())
 
 
 def _encoder(spec: str):

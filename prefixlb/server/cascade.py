@@ -76,9 +76,12 @@ class BufferedRequest:
     def is_disconnected(self) -> bool:
         return self._req.is_disconnected
 
-    def respond(self, status: int, headers=(), body: bytes = b"") -> None:
+    def respond(self, status: int, headers=(), body: bytes = b"", lines: bytes = b"") -> None:
         self.status = status
         self.resp_headers = list(headers)
+        for line in lines.split(b"\r\n")[:-1]:  # rendered header lines (Request.respond): back to pairs
+            name, _, value = line.partition(b": ")
+            self.resp_headers.append((name, value))
         self.resp_body = body
 
     def respond_json(self, status: int, body: bytes, headers=()) -> None:
@@ -242,7 +245,7 @@ async def run_cascade(tr: TierRouting, req, trace: Trace, first: Tier, body: dic
         if n == len(chain) - 1:
             info["outcome"] = "top"
             m.cascade_outcomes.inc(("top", tier.name))
-            await b._forward(req, tier, dict(body), model, k, stream, started, prep)
+            await b._forward(req, tier, dict(body), model, k, stream, started, prep, trace)
             return
         checks = tr.tier_checks.get(tier.name, tr.checks)
         ub, added = _tier_body(body, chat, c.top_logprobs, checks.uses_logprobs)
@@ -250,7 +253,7 @@ async def run_cascade(tr: TierRouting, req, trace: Trace, first: Tier, body: dic
         reason = None
         resp = None
         try:
-            await b._forward(held_req, tier, ub, model, k, False, started, prep)
+            await b._forward(held_req, tier, ub, model, k, False, started, prep, trace)
         except errors.PrefixlbError as exc:
             if exc.status < 500:
                 raise

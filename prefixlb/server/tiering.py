@@ -4,11 +4,12 @@ decision log, feedback and the admin calls. Present only when the config has ``t
 How it hooks into the request path (``balancer.py``), narrowly:
 
 - ``_completion`` asks :meth:`TierRouting.decide` for a :class:`Trace` instead of resolving
-  the model itself, then hands the request to :meth:`TierRouting.run`, which calls the
-  balancer's own ``_forward`` (once, or once per cascade tier);
-- ``_attempt`` and ``_account`` read :data:`CURRENT` (a context variable set around the
-  forwarding, so nothing changes signature): the trace adds its response headers and records
-  each attempt's replica, tokens and cost;
+  the model itself, forwards the request with the balancer's own ``_forward`` (once) or
+  through ``cascade.run_cascade`` (once per cascade tier), and hands the trace back to
+  :meth:`TierRouting.finish`;
+- ``_forward`` passes the trace on to ``_attempt`` and ``_account`` (an argument, None without
+  tier routing: a context variable cost a set, a reset and two lookups per request): the trace
+  adds its response headers and records each attempt's replica, tokens and cost;
 - ``_admin`` passes ``/admin/classifier/*``, ``/admin/feedback`` and ``/admin/tiers`` here.
 
 The decisions themselves are pure (``prefixlb.routing.tiers``, ``prefixlb.routing.cascade``);
@@ -18,7 +19,6 @@ this module is their I/O: headers, metrics, the decision log file, the admin JSO
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import dataclasses
 import importlib
 import itertools
@@ -26,8 +26,10 @@ import logging
 import logging.handlers
 import os
 import time
+from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -39,6 +41,7 @@ from prefixlb.routing.cascade import Checks
 from prefixlb.routing.decision_log import prompt_hash
 from prefixlb.routing.drift import ScoreDrift
 from prefixlb.routing.tiers import (
+    STEPS,
     ClassifierMode,
     TierDecision,
     TierPipeline,
@@ -50,16 +53,17 @@ from prefixlb.routing.tiers import (
 if TYPE_CHECKING:
     from .balancer import Balancer, Tier
 
-__all__ = ["CURRENT", "TierRouting", "Trace"]
+__all__ = ["TierRouting", "Trace"]
 
 log = logging.getLogger("prefixlb.tiers")
-
-#: the trace of the request being forwarded in this task (None outside tier routing)
-CURRENT: contextvars.ContextVar[Trace | None] = contextvars.ContextVar("prefixlb_tier_trace", default=None)
 
 _RID_PREFIX = os.urandom(4).hex()
 _SUMMED = ("predicted_cached_tokens", "actual_cached_tokens", "prompt_tokens", "completion_tokens")
 _rid = itertools.count(1)
+# the decision's response headers as written on the wire (``Request.respond(lines=...)``): the
+# step's line is one of four, built once; the request id's line is built per request
+_STEP_LINES = {step: b"x-prefixlb-step: " + step.encode() + b"\r\n" for step in STEPS}
+_RID_NAME = b"x-prefixlb-request-id: "
 
 
 class Trace:
@@ -72,7 +76,7 @@ class Trace:
         "chat",
         "decide_s",
         "decision",
-        "headers",
+        "lines",
         "model",
         "prompt",
         "request_id",
@@ -82,7 +86,7 @@ class Trace:
     )
 
     def __init__(self, request_id: str, decision: TierDecision, user: str | None, model: str | None, chat: bool,
-                 body: dict, prompt: str | None) -> None:
+                 body: dict, prompt: str | None, lines: bytes | None, ts: float, decide_s: float) -> None:
         self.request_id = request_id
         self.decision = decision
         self.user = user
@@ -90,25 +94,32 @@ class Trace:
         self.chat = chat
         self.body = body
         self.prompt = prompt
-        # (tier, replica url, predicted cached tokens, usage, status) per answered attempt; the
-        # decision log's dicts are built from them off the request path (``attempt_rows``)
+        # (tier, replica url, predicted cached tokens, usage, status) per answered attempt, added
+        # by ``Balancer._account``; the decision log's dicts are built from them off the request
+        # path (``attempt_rows``)
         self.attempts: list[tuple[Tier, str, int, dict | None, int]] = []
         self.cascade: dict[str, Any] | None = None  # {"tiers", "reasons", "outcome", "features"}
         self.status: int | None = None
-        self.ts = time.time()
-        self.decide_s = 0.0
-        self.headers: tuple[tuple[bytes, bytes], ...] = (
-            (b"x-prefixlb-request-id", request_id.encode()), (b"x-prefixlb-step", decision.step.encode()))
+        self.ts = ts  # time.time() at the decision (0.0 without a decision log, its only reader)
+        self.decide_s = decide_s
+        # ``response_headers`` rendered (``Request.respond(lines=...)``) while there is no cascade;
+        # None when the request id cannot be a header value (the pairs are sent then, and refused
+        # with the response exactly as before)
+        self.lines = lines
 
     @property
     def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """The headers every answer to this request carries (``lines`` as pairs)."""
+        h = ((b"x-prefixlb-request-id", self.request_id.encode()), (b"x-prefixlb-step", self.decision.step.encode()))
         if self.cascade is None:
-            return self.headers
-        return self.headers + ((b"x-prefixlb-escalations", str(len(self.cascade["tiers"]) - 1).encode()),)
+            return h
+        return h + ((b"x-prefixlb-escalations", str(len(self.cascade["tiers"]) - 1).encode()),)
 
-    def attempt(self, tier: Tier, replica_url: str, predicted_cached: int, usage: dict | None, status: int) -> None:
-        """One answered attempt (called from ``Balancer._account``)."""
-        self.attempts.append((tier, replica_url, predicted_cached, usage, status))
+    def cascade_lines(self) -> bytes | None:
+        """``lines`` with the escalations so far (a cascade's attempts; None as for ``lines``)."""
+        if self.lines is None:
+            return None
+        return self.lines + b"x-prefixlb-escalations: %d\r\n" % (len(self.cascade["tiers"]) - 1)  # type: ignore[index]
 
     def attempt_rows(self) -> list[dict[str, Any]]:
         """The attempts as the decision log writes them (tokens and cost from each usage)."""
@@ -179,6 +190,13 @@ class TierRouting:
         # (a classifier's score series exists only with a classifier)
         self._score_hist = self.metrics.classifier_score.child() if self.classifier is not None else None
         self._decide_hist = self.metrics.tier_decision_seconds.child()
+        self._decisions = self.metrics.tier_decisions.series  # (tier, step) -> its Cell
+        self._explicit: dict[str, TierDecision] = {}  # tier -> its explicit decision, shared (no score)
+        # no rules and no per-user offsets: the decision reads the prompt alone, no RequestView
+        self._prompt_only = not self.pipeline.rules and self.pipeline.user_offsets is None
+        self._auto_route = "auto" in self.routes
+        self._user_offsets = self.pipeline.user_offsets
+        self._keep = cfg.feedback_memory
 
     async def close(self) -> None:
         if self.http_session is not None:
@@ -188,15 +206,28 @@ class TierRouting:
 
     # -- the request path -------------------------------------------------------------------------
 
-    def decide(self, req, body: dict, chat: bool, model: str | None) -> Trace:
-        """The tier decision for one request (explicit names resolved as the balancer does)."""
-        t0 = time.perf_counter()
-        rid_b = req.header(b"x-request-id")
-        if rid_b is None:
-            rid = f"plb-{_RID_PREFIX}-{next(_rid):x}"
-            req.headers.append((b"x-request-id", rid.encode()))  # forwarded upstream by _forward
+    def decide(self, req, body: dict, chat: bool, model: str | None, forward: list[tuple[bytes, bytes]]) -> Trace:
+        """The tier decision for one request (explicit names resolved as the balancer does).
+        ``forward``: the request's headers the balancer sends upstream (x-request-id among them:
+        its first value is the request's id; one is added to both lists when there is none).
+
+        Runs for every request: written flat (the histograms' and the counter's updates inlined)
+        as each Python call costs ~10x a line here."""
+        t0 = perf_counter()
+        for k, v in forward:  # req.header(b"x-request-id"), on the few headers forwarded
+            if k == b"x-request-id":
+                rid = v.decode("latin-1")
+                rid_b = rid.encode()
+                lines = (None if b"\r" in rid_b or b"\n" in rid_b  # not a header value: see Trace.lines
+                         else _RID_NAME + rid_b + b"\r\n")
+                break
         else:
-            rid = rid_b.decode("latin-1")
+            rid = f"plb-{_RID_PREFIX}-{next(_rid):x}"
+            rid_b = rid.encode()
+            h = (b"x-request-id", rid_b)
+            forward.append(h)  # sent upstream by _forward
+            req.headers.append(h)  # (and by each tier of a cascade)
+            lines = _RID_NAME + rid_b + b"\r\n"
         user = None
         if self.user_header is not None:
             u = req.header(self.user_header)
@@ -205,19 +236,31 @@ class TierRouting:
             u = body.get("user")
             user = u if isinstance(u, str) and u else None
         prompt = None
-        if model is None or model == "auto" or model in self.routes:
-            headers = {}
-            for name in self.rule_headers:
-                v = req.header(name)
-                if v is not None:
-                    headers[name] = v.decode("latin-1")
-            view = request_view(body, req.path, headers, user, chat)
-            d = self.pipeline.decide(view, self.b.clock(), cascade=model in self.routes)
-            prompt = view.prompt_if_built  # else built for the decision log, off the request path
-            if d.score is not None:  # (only a classifier gives one)
-                self._score_hist.observe(d.score)  # type: ignore[union-attr]
+        if model is None:
+            cascade: bool | None = False
+        elif model == "auto":
+            cascade = self._auto_route  # ("auto" in routes, once: hashing the body's string costs)
+        else:
+            cascade = True if model in self.routes else None  # None: a tier or model named
+        if cascade is not None:
+            if self._prompt_only:
+                d, prompt = self.pipeline.decide_prompt(body, chat, cascade)
+            else:
+                headers = {}
+                for name in self.rule_headers:
+                    v = req.header(name)
+                    if v is not None:
+                        headers[name] = v.decode("latin-1")
+                view = request_view(body, req.path, headers, user, chat)
+                d = self.pipeline.decide(view, self.b.clock(), cascade=cascade)
+                prompt = view.prompt_if_built  # else built for the decision log, off the request path
+            score = d.score
+            if score is not None:  # (only a classifier gives one)
+                h = self._score_hist  # Histogram.observe, inlined
+                h.counts[bisect_left(h.bounds, score)] += 1  # type: ignore[union-attr]
+                h.sum += score  # type: ignore[union-attr]
                 if self.drift is not None:
-                    self.drift.observe(d.score)
+                    self.drift.observe(score)
             if d.classifier_error is not None:
                 self.metrics.classifier_errors.inc(())
                 self.classifier_failures += 1
@@ -225,58 +268,53 @@ class TierRouting:
                     log.warning("tier classifier failed %d times, last: %s (request %s went to the default tier)",
                                 self.classifier_failures, d.classifier_error, rid)
         else:
-            d = TierDecision.explicit(self.b._resolve(model).name)
-        dt = time.perf_counter() - t0
-        m = self.metrics
-        m.tier_decisions.inc((d.tier, d.step))
-        self._decide_hist.observe(dt)
-        t = Trace(rid, d, user, model, chat, body, prompt)
-        t.decide_s = dt
-        return t
+            name = self.b._resolve(model).name
+            d = self._explicit.get(name)  # type: ignore[assignment]
+            if d is None:
+                d = self._explicit[name] = TierDecision.explicit(name)
+        dt = perf_counter() - t0
+        k = (d.tier, d.step)  # metrics.tier_decisions.inc(k), inlined
+        c = self._decisions.get(k)
+        if c is None:
+            c = self.metrics.tier_decisions.cell(k)
+        c.v += 1.0
+        h = self._decide_hist
+        h.counts[bisect_left(h.bounds, dt)] += 1
+        h.sum += dt
+        if lines is not None:
+            lines += _STEP_LINES[d.step]
+        return Trace(rid, d, user, model, chat, body, prompt, lines, time.time() if self.dlog is not None else 0.0,
+                     dt)
 
-    async def run(self, req, trace: Trace, tier: Tier, body: dict, chat: bool, model: str | None, key,
-                  stream: bool, started: float, prepared) -> None:
-        """Forward the request as decided: once, or through the cascade."""
-        token = CURRENT.set(trace)
-        try:
-            if trace.decision.cascade:
-                from .cascade import run_cascade
-
-                await run_cascade(self, req, trace, tier, body, chat, model, key, stream, started, prepared)
-            else:
-                await self.b._forward(req, tier, body, model, key, stream, started, prepared)
-        except errors.PrefixlbError as exc:
-            trace.status = exc.status
-            raise
-        except BaseException:
-            trace.status = 499  # the client went away (nginx's code for it)
-            raise
-        finally:
-            CURRENT.reset(token)
-            self._finish(trace, started)
-
-    def _finish(self, trace: Trace, started: float) -> None:
+    def finish(self, trace: Trace, started: float) -> None:
+        """The request is answered (or failed): learn, remember it for feedback, log it."""
         at = trace.attempts
-        if trace.status is None:
-            trace.status = at[-1][4] if at else 0
         d = trace.decision
-        final = at[-1][0].name if at else d.tier
+        if at:
+            last = at[-1]
+            final = last[0].name
+            if trace.status is None:
+                trace.status = last[4]
+        else:
+            final = d.tier
+            if trace.status is None:
+                trace.status = 0
         base = d.base_tier or d.tier
-        uo = self.pipeline.user_offsets
+        uo = self._user_offsets
         if uo is not None and trace.user is not None and trace.cascade is not None and trace.status == 200:
             climbed = self.pipeline.rank(final) - self.pipeline.rank(base)
             # an answer accepted where an offset put it says nothing about the tiers below: learn
             # only from escalations and from answers accepted without an offset
             if trace.cascade["reasons"] or d.user_offset == 0:
                 uo.observe(trace.user, climbed, self.b.clock())
-        keep = self.cfg.feedback_memory
+        keep = self._keep
         if keep:
             recent = self.recent
             recent[trace.request_id] = (trace.user, final, base, d.tier if d.step == "classifier" else d.shadow_tier)
             if len(recent) > keep:
                 recent.popitem(last=False)
         if self.dlog is not None:  # the line is built and written later, off the request path
-            self.dlog.add((self._log_line, trace, final, time.perf_counter() - started))
+            self.dlog.add((self._log_line, trace, final, perf_counter() - started))
 
     def _log_line(self, trace: Trace, final: str, duration: float) -> dict[str, Any]:
         d = trace.decision
