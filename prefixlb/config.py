@@ -207,9 +207,17 @@ def _str(obj: Mapping[str, Any], key: str, path: str, default: str | None) -> st
     return v
 
 
+def _has_control(v: str) -> bool:
+    """True for a string with a control character (CR, LF, NUL, ...): it could not be sent as a
+    header value (a replica's URL and a tier's name are, on every answer) nor logged as one line."""
+    return any(c < " " or c == "\x7f" for c in v)
+
+
 def check_url(url: Any, path: str) -> str:
     if not isinstance(url, str):
         raise ConfigError(f"{path}: must be an http(s) URL string, got {url!r}")
+    if _has_control(url) or " " in url:  # (urlsplit would silently drop tabs and newlines)
+        raise ConfigError(f"{path}: must not contain spaces or control characters, got {url!r}")
     parts = urlsplit(url)
     if "@" in parts.netloc:
         # checked first, and the URL is not echoed: the error must not print the secret
@@ -290,6 +298,8 @@ def _tier(obj: Any, path: str, discovered: bool = False) -> TierConfig:
     name = _str(m, "name", path, None)
     if name is None:
         raise ConfigError(f"{path}.name: required")
+    if _has_control(name):
+        raise ConfigError(f"{path}.name: must not contain control characters, got {name!r}")
     reps = m.get("replicas", [] if discovered else None)
     if not isinstance(reps, list) or (not reps and not discovered):
         raise ConfigError(f"{path}.replicas: must be a non-empty list of URLs (or configure discovery)")

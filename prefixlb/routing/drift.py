@@ -17,7 +17,7 @@ Memory is bounded: a ring of ``window`` floats.
 from __future__ import annotations
 
 import math
-from bisect import bisect_left, bisect_right
+from bisect import bisect_right
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -48,7 +48,7 @@ class ScoreDrift:
         s = sorted(scores)
         n = len(s)
         self._edges = [s[min(n - 1, (n * b) // self.bins)] for b in range(1, self.bins)]
-        self._ref_shares = self._sorted_shares(s)
+        self._ref_shares = self._shares(s)
         self.reference_source = source
         self._pending = []
 
@@ -61,17 +61,6 @@ class ScoreDrift:
             counts[bisect_right(edges, x)] += 1
             n += 1
         return [c / n if n else 0.0 for c in counts]
-
-    def _sorted_shares(self, s: list[float]) -> list[float]:
-        """``_shares(s)`` of sorted scores, by one bisection per edge instead of one per score
-        (this runs on the request path, once: the request that completes the warmup). A NaN
-        unsorts the list: then score by score, as ``_shares`` places it."""
-        n = len(s)
-        if n == 0 or math.isnan(sum(s)):
-            return self._shares(s)
-        # bin b holds edges[b-1] <= x < edges[b] (bisect_right); below edge e: bisect_left(s, e)
-        cuts = [0, *(bisect_left(s, e) for e in self._edges), n]  # type: ignore[union-attr]
-        return [(cuts[b + 1] - cuts[b]) / n for b in range(self.bins)]
 
     def observe(self, score: float) -> None:
         self.seen += 1

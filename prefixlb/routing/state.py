@@ -299,11 +299,7 @@ class ReplicaState:
     def loads(self, now: float) -> tuple[float, float, float]:
         """(prefill tokens queued ahead of a request dispatched now, sequences running, context
         tokens they hold): own accounting plus whatever a fresh scrape shows beyond it."""
-        dt = now - self._backlog_t
-        own = self._backlog
-        if dt > 0.0:  # (self._inv_rate, spelled out: this runs for every request)
-            t = self.tier
-            own -= dt / (t.inv_rate * (self.ratio if self.observations else t.mean_ratio))
+        own = self._backlog - self._drained(now)
         if own < 0.0:
             own = 0.0
         n, ctx = float(self.inflight), self.context

@@ -68,18 +68,7 @@ def prompt_text(body: Mapping[str, Any], chat: bool) -> str:
         msgs = body.get("messages")
         if not isinstance(msgs, list):
             return ""
-        if len(msgs) == 1:  # (the join of one part is that part: no list, no join)
-            m = msgs[0]
-            if isinstance(m, dict):
-                c = m.get("content")
-                return c if c.__class__ is str else _text(c)
-            return ""
-        parts = []
-        for m in msgs:
-            if isinstance(m, dict):
-                c = m.get("content")
-                parts.append(c if c.__class__ is str else _text(c))
-        return "\n".join(parts)
+        return "\n".join([_text(m.get("content")) for m in msgs if isinstance(m, dict)])
     p = body.get("prompt")
     if isinstance(p, str):
         return p
@@ -321,19 +310,22 @@ class TierPipeline:
         for i, r in enumerate(self.rules):
             if r.matches(view):
                 return self._offset(self._rule_decisions[i][cascade], view, now)
-        return self._offset(self.decide_prompt(None, True, cascade, view)[0], view, now)
+        if self.mode == _KILLED:
+            return self._offset(self._default_decisions[cascade], view, now)
+        return self._offset(self._classify(view.prompt, cascade), view, now)
 
-    def decide_prompt(self, body: Mapping[str, Any] | None, chat: bool, cascade: bool = False,
-                      view: RequestView | None = None) -> tuple[TierDecision, str | None]:
-        """The steps after the rules (classifier, default) before any per-user offset: the
-        decision, and the prompt if the classifier read it (else None: not built) -
-        ``view.prompt``, or ``prompt_text(body, chat)`` without a view. Without rules and per-user
-        offsets this is ``decide``, with no :class:`RequestView` to build."""
+    def decide_body(self, body: Mapping[str, Any], chat: bool, cascade: bool = False) -> tuple[TierDecision, str | None]:
+        """``decide`` for a pipeline with no rules and no per-user offsets, which reads nothing
+        but the prompt: no :class:`RequestView` to build. Also returns the prompt, if built."""
         if self.mode == _KILLED:
             return self._default_decisions[cascade], None
-        score = shadow = err = prompt = None
-        try:  # (the prompt is built inside: view.prompt always was)
-            prompt = prompt_text(body, chat) if view is None else view.prompt  # type: ignore[arg-type]
+        prompt = prompt_text(body, chat)
+        return self._classify(prompt, cascade), prompt
+
+    def _classify(self, prompt: str, cascade: bool) -> TierDecision:
+        """The classifier's step (enabled or shadow), the default tier when it does not decide."""
+        score = shadow = err = None
+        try:
             tier, score = self.classifier.choose(prompt, self.tiers)  # type: ignore[union-attr]
         except Exception as exc:  # noqa: BLE001 - a broken model must not take requests down
             err = f"{type(exc).__name__}: {exc}"
@@ -341,11 +333,11 @@ class TierPipeline:
             if tier not in self._rank:
                 err = f"classifier chose unknown tier {tier!r}"
             elif self.mode == _ENABLED:
-                return TierDecision(tier, CLASSIFIER, score, None, None, cascade), prompt
+                return TierDecision(tier, CLASSIFIER, score, None, None, cascade)
             else:
                 shadow = tier
         return TierDecision(self.default_tier, DEFAULT, score=score, shadow_tier=shadow, cascade=cascade,
-                            classifier_error=err), prompt
+                            classifier_error=err)
 
     def _offset(self, d: TierDecision, view: RequestView, now: float) -> TierDecision:
         uo = self.user_offsets

@@ -24,7 +24,6 @@ import os
 import random
 import time
 from array import array
-from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -138,8 +137,8 @@ class Balancer:
         self._tok_pool = None
         self._tok_rr = 0
         # replica id -> its x-prefixlb-tier and -replica response headers as written on the wire,
-        # rendered once (None: a name that is not a header value, sent as pairs and refused then)
-        self._replica_lines: dict[int, bytes | None] = {}
+        # rendered once (the config refuses a tier name or URL that is not a header value)
+        self._replica_lines: dict[int, bytes] = {}
         # the metric series _account adds to, kept at hand: replica id -> its _ReplicaSeries;
         # tier name -> its route-decision histogram
         self._series: dict[int, _ReplicaSeries] = {}
@@ -432,10 +431,8 @@ class Balancer:
         self.replicas[rid] = r
         self._by_url[url] = r
         self.pools[rid] = UpstreamPool(url, connect_timeout=self.config.connect_timeout_s)
-        try:
-            self._replica_lines[rid] = render_header_lines(_replica_headers(tier, r))
-        except ValueError:  # (UnicodeEncodeError included)
-            self._replica_lines[rid] = None
+        self._replica_lines[rid] = render_header_lines(
+            ((b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", url.encode())))
         tier.router.add_replica(rid, url, capacity_tokens)
         if capacity_tokens is not None:
             self._capacity_configured.add(rid)
@@ -697,11 +694,10 @@ class Balancer:
                 self._sync(replica)
                 continue
             attempts += 1
-            h = self._decision_hists.get(tier.name)  # metrics.decision_seconds.observe((tier.name,), ...)
+            h = self._decision_hists.get(tier.name)  # (no label tuple to build and look up)
             if h is None:
                 h = self._decision_hists[tier.name] = self.metrics.decision_seconds.child((tier.name,))
-            h.counts[bisect_left(h.bounds, d.decision_s)] += 1  # (Histogram.observe, inlined)
-            h.sum += d.decision_s
+            h.observe(d.decision_s)
             ub = self._upstream_body(req, body, model, replica, tier)
             router.dispatched(d, now, track_prefill=stream)  # a streamed request's first byte is seen
             if prepared is not None and not prepared.complete:
@@ -785,24 +781,15 @@ class Balancer:
                 self._replica_failed(replica, f"HTTP {status}: {text}")
                 return errors.UpstreamFailed(f"replica {replica.url} answered {status}: {text}")
             replica.breaker.record(True, self.clock())
-            # the headers the balancer adds, rendered ahead (the replica's, then the trace's);
-            # as pairs when one of them could not be (``extra``: refused with the response then)
-            lines = self._replica_lines.get(replica.id)
-            if trace is not None and lines is not None:
-                tl = trace.lines if trace.cascade is None else trace.cascade_lines()
-                lines = None if tl is None else lines + tl
-            if lines is None:
-                extra = _replica_headers(tier, replica)
-                if trace is not None:
-                    extra += trace.response_headers
-                lines = b""
-            else:
-                extra = ()
+            # the headers the balancer adds, rendered ahead: the replica's, then the trace's
+            lines = self._replica_lines[replica.id]
+            if trace is not None:
+                lines += trace.lines if trace.cascade is None else trace.cascade_lines()
             ctype = resp.header(b"content-type") or b""
             if stream and resp.status == 200 and b"event-stream" in ctype:
-                usage = await self._relay_stream(req, resp, tier, replica, d, extra, started, lines)
+                usage = await self._relay_stream(req, resp, tier, replica, d, started, lines)
             else:
-                usage = await self._relay_whole(req, resp, tier, replica, d, extra, lines)
+                usage = await self._relay_whole(req, resp, tier, replica, d, lines)
             status, resp = resp.status, None
             router.finished(d, self.clock(), usage,
                             prompt_text_bytes=key.text_bytes if key.token_ids is None else None)
@@ -835,12 +822,9 @@ class Balancer:
             resp.abort()
         return b"".join(chunks)
 
-    async def _relay_whole(self, req, resp, tier, replica, d, extra, lines: bytes) -> dict | None:
+    async def _relay_whole(self, req, resp, tier, replica, d, lines: bytes) -> dict | None:
         body = await self._read_all(resp)
-        headers = end_to_end(resp.headers)
-        if extra:
-            headers.extend(extra)
-        req.respond(resp.status, headers, body, lines)
+        req.respond(resp.status, end_to_end(resp.headers), body, lines)
         if resp.status != 200:
             return None
         try:
@@ -850,12 +834,9 @@ class Balancer:
         u = parsed.get("usage") if isinstance(parsed, dict) else None
         return u if isinstance(u, dict) else None
 
-    async def _relay_stream(self, req, resp, tier, replica, d, extra, started, lines: bytes) -> dict | None:
+    async def _relay_stream(self, req, resp, tier, replica, d, started, lines: bytes) -> dict | None:
         router = tier.router
-        headers = end_to_end(resp.headers)
-        if extra:
-            headers.extend(extra)
-        out = req.start(resp.status, headers, lines=lines)
+        out = req.start(resp.status, end_to_end(resp.headers), lines=lines)
         prev = last = b""  # the usage event (include_usage) is in the last chunk or two
         first = True
         try:
@@ -960,23 +941,15 @@ class Balancer:
         # the families' inc()/observe() on series kept at hand (each created when first counted,
         # as those would): this runs for every answer, and a call and a label tuple cost more
         # than the addition
-        e = time.perf_counter() - started
         a = self._series.get(replica.id)
-        if a is None:
-            a = self._series[replica.id] = _ReplicaSeries()
+        if a is None:  # this replica's first answer
+            a = self._series[replica.id] = _ReplicaSeries(self.metrics, tier, replica)
         c = a.requests.get(status)
         if c is None:
             c = a.requests[status] = self.metrics.requests.cell((tier.name, replica.url, str(status)))
         c.v += 1.0
-        h = a.e2e
-        if h is None:
-            h = a.e2e = self.metrics.e2e_seconds.child((tier.name,))
-        h.counts[bisect_left(h.bounds, e)] += 1
-        h.sum += e
-        c = a.predicted
-        if c is None:
-            c = a.predicted = self.metrics.predicted_cached.cell((tier.name, replica.url))
-        c.v += d.cached_tokens
+        a.e2e.observe(time.perf_counter() - started)
+        a.predicted.v += d.cached_tokens
         if usage:
             details = usage.get("prompt_tokens_details") or {}
             cached = details.get("cached_tokens") if isinstance(details, dict) else None
@@ -1164,24 +1137,21 @@ class Balancer:
 
 
 class _ReplicaSeries:
-    """The metric series ``Balancer._account`` adds to for one replica (None until first used;
-    the per-tier ones are shared with the tier's other replicas, being the family's)."""
+    """The metric series ``Balancer._account`` adds to for one replica, made at its first answer
+    (a series is exposed once counted): those every answer counts at once, the others (by status,
+    and from usage) when first counted. The per-tier ones are the family's, shared with the
+    tier's other replicas."""
 
     __slots__ = ("actual", "completion", "cost", "e2e", "predicted", "prompt", "requests")
 
-    def __init__(self) -> None:
+    def __init__(self, m: BalancerMetrics, tier: Tier, replica: Replica) -> None:
         self.requests: dict[int, Cell] = {}  # by HTTP status
-        self.e2e: Histogram | None = None
-        self.predicted: Cell | None = None
+        self.e2e: Histogram = m.e2e_seconds.child((tier.name,))
+        self.predicted: Cell = m.predicted_cached.cell((tier.name, replica.url))
         self.actual: Cell | None = None
         self.prompt: Cell | None = None
         self.completion: Cell | None = None
         self.cost: Cell | None = None
-
-
-def _replica_headers(tier: Tier, replica: Replica) -> tuple[tuple[bytes, bytes], ...]:
-    """The headers naming who answered, on every answer relayed from ``replica``."""
-    return (b"x-prefixlb-tier", tier.name.encode()), (b"x-prefixlb-replica", replica.url.encode())
 
 
 def _encoder(spec: str):

@@ -67,10 +67,7 @@ class _Family:
         self.series: dict[tuple[str, ...], object] = {}
 
     def inc(self, values: tuple[str, ...], amount: float = 1.0) -> None:
-        c = self.series.get(values)
-        if c is None:
-            c = self.series[values] = Cell()
-        c.v += amount  # type: ignore[union-attr]
+        self.cell(values).v += amount
 
     def cell(self, values: tuple[str, ...] = ()) -> Cell:
         """The counter series of one label set, to add to directly on a hot path (created here,

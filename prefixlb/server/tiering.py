@@ -26,7 +26,6 @@ import logging
 import logging.handlers
 import os
 import time
-from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable
 from time import perf_counter
@@ -86,7 +85,7 @@ class Trace:
     )
 
     def __init__(self, request_id: str, decision: TierDecision, user: str | None, model: str | None, chat: bool,
-                 body: dict, prompt: str | None, lines: bytes | None, ts: float, decide_s: float) -> None:
+                 body: dict, prompt: str | None, lines: bytes, ts: float, decide_s: float) -> None:
         self.request_id = request_id
         self.decision = decision
         self.user = user
@@ -102,23 +101,12 @@ class Trace:
         self.status: int | None = None
         self.ts = ts  # time.time() at the decision (0.0 without a decision log, its only reader)
         self.decide_s = decide_s
-        # ``response_headers`` rendered (``Request.respond(lines=...)``) while there is no cascade;
-        # None when the request id cannot be a header value (the pairs are sent then, and refused
-        # with the response exactly as before)
+        # the headers every answer to this request carries, as written on the wire
+        # (``Request.respond(lines=...)``): x-prefixlb-request-id and x-prefixlb-step
         self.lines = lines
 
-    @property
-    def response_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        """The headers every answer to this request carries (``lines`` as pairs)."""
-        h = ((b"x-prefixlb-request-id", self.request_id.encode()), (b"x-prefixlb-step", self.decision.step.encode()))
-        if self.cascade is None:
-            return h
-        return h + ((b"x-prefixlb-escalations", str(len(self.cascade["tiers"]) - 1).encode()),)
-
-    def cascade_lines(self) -> bytes | None:
-        """``lines`` with the escalations so far (a cascade's attempts; None as for ``lines``)."""
-        if self.lines is None:
-            return None
+    def cascade_lines(self) -> bytes:
+        """``lines`` and x-prefixlb-escalations, the escalations so far (a cascade's attempts)."""
         return self.lines + b"x-prefixlb-escalations: %d\r\n" % (len(self.cascade["tiers"]) - 1)  # type: ignore[index]
 
     def attempt_rows(self) -> list[dict[str, Any]]:
@@ -190,13 +178,10 @@ class TierRouting:
         # (a classifier's score series exists only with a classifier)
         self._score_hist = self.metrics.classifier_score.child() if self.classifier is not None else None
         self._decide_hist = self.metrics.tier_decision_seconds.child()
-        self._decisions = self.metrics.tier_decisions.series  # (tier, step) -> its Cell
         self._explicit: dict[str, TierDecision] = {}  # tier -> its explicit decision, shared (no score)
         # no rules and no per-user offsets: the decision reads the prompt alone, no RequestView
         self._prompt_only = not self.pipeline.rules and self.pipeline.user_offsets is None
         self._auto_route = "auto" in self.routes
-        self._user_offsets = self.pipeline.user_offsets
-        self._keep = cfg.feedback_memory
 
     async def close(self) -> None:
         if self.http_session is not None:
@@ -209,25 +194,17 @@ class TierRouting:
     def decide(self, req, body: dict, chat: bool, model: str | None, forward: list[tuple[bytes, bytes]]) -> Trace:
         """The tier decision for one request (explicit names resolved as the balancer does).
         ``forward``: the request's headers the balancer sends upstream (x-request-id among them:
-        its first value is the request's id; one is added to both lists when there is none).
-
-        Runs for every request: written flat (the histograms' and the counter's updates inlined)
-        as each Python call costs ~10x a line here."""
+        its first value is the request's id; one is added to both lists when there is none)."""
         t0 = perf_counter()
         for k, v in forward:  # req.header(b"x-request-id"), on the few headers forwarded
             if k == b"x-request-id":
                 rid = v.decode("latin-1")
-                rid_b = rid.encode()
-                lines = (None if b"\r" in rid_b or b"\n" in rid_b  # not a header value: see Trace.lines
-                         else _RID_NAME + rid_b + b"\r\n")
                 break
         else:
             rid = f"plb-{_RID_PREFIX}-{next(_rid):x}"
-            rid_b = rid.encode()
-            h = (b"x-request-id", rid_b)
+            h = (b"x-request-id", rid.encode())
             forward.append(h)  # sent upstream by _forward
             req.headers.append(h)  # (and by each tier of a cascade)
-            lines = _RID_NAME + rid_b + b"\r\n"
         user = None
         if self.user_header is not None:
             u = req.header(self.user_header)
@@ -244,7 +221,7 @@ class TierRouting:
             cascade = True if model in self.routes else None  # None: a tier or model named
         if cascade is not None:
             if self._prompt_only:
-                d, prompt = self.pipeline.decide_prompt(body, chat, cascade)
+                d, prompt = self.pipeline.decide_body(body, chat, cascade)
             else:
                 headers = {}
                 for name in self.rule_headers:
@@ -256,9 +233,7 @@ class TierRouting:
                 prompt = view.prompt_if_built  # else built for the decision log, off the request path
             score = d.score
             if score is not None:  # (only a classifier gives one)
-                h = self._score_hist  # Histogram.observe, inlined
-                h.counts[bisect_left(h.bounds, score)] += 1  # type: ignore[union-attr]
-                h.sum += score  # type: ignore[union-attr]
+                self._score_hist.observe(score)  # type: ignore[union-attr]
                 if self.drift is not None:
                     self.drift.observe(score)
             if d.classifier_error is not None:
@@ -273,16 +248,10 @@ class TierRouting:
             if d is None:
                 d = self._explicit[name] = TierDecision.explicit(name)
         dt = perf_counter() - t0
-        k = (d.tier, d.step)  # metrics.tier_decisions.inc(k), inlined
-        c = self._decisions.get(k)
-        if c is None:
-            c = self.metrics.tier_decisions.cell(k)
-        c.v += 1.0
-        h = self._decide_hist
-        h.counts[bisect_left(h.bounds, dt)] += 1
-        h.sum += dt
-        if lines is not None:
-            lines += _STEP_LINES[d.step]
+        self.metrics.tier_decisions.inc((d.tier, d.step))
+        self._decide_hist.observe(dt)
+        # (the id came through the HTTP parser, which refuses CR and LF in a header value)
+        lines = _RID_NAME + rid.encode() + b"\r\n" + _STEP_LINES[d.step]
         return Trace(rid, d, user, model, chat, body, prompt, lines, time.time() if self.dlog is not None else 0.0,
                      dt)
 
@@ -300,14 +269,14 @@ class TierRouting:
             if trace.status is None:
                 trace.status = 0
         base = d.base_tier or d.tier
-        uo = self._user_offsets
+        uo = self.pipeline.user_offsets
         if uo is not None and trace.user is not None and trace.cascade is not None and trace.status == 200:
             climbed = self.pipeline.rank(final) - self.pipeline.rank(base)
             # an answer accepted where an offset put it says nothing about the tiers below: learn
             # only from escalations and from answers accepted without an offset
             if trace.cascade["reasons"] or d.user_offset == 0:
                 uo.observe(trace.user, climbed, self.b.clock())
-        keep = self._keep
+        keep = self.cfg.feedback_memory
         if keep:
             recent = self.recent
             recent[trace.request_id] = (trace.user, final, base, d.tier if d.step == "classifier" else d.shadow_tier)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import yaml
 
@@ -96,3 +98,15 @@ def test_credentials_in_a_replica_url_are_refused_without_echoing_them(url):
     with pytest.raises(ConfigError) as e:
         config_from_flags([url])
     assert "--replica[0]" in str(e.value) and "s3cr3t" not in str(e.value)
+
+
+@pytest.mark.parametrize("tier, url, where", [
+    ("a\r\nx-evil: 1", "http://10.0.0.4:8000", "tiers[0].name"),
+    ("a", "http://10.0.0.4:8000/\r\nx-evil: 1", "tiers[0].replicas[0]"),
+    ("a", "http://10.0.0.4:8000/a b", "tiers[0].replicas[0]"),
+    ("a", "http://10.0.\t0.4:8000", "tiers[0].replicas[0]"),  # (urlsplit would drop the tab silently)
+])
+def test_a_tier_name_or_replica_url_that_could_not_be_a_header_value_is_refused(tier, url, where):
+    # both go out on every answer (x-prefixlb-tier, x-prefixlb-replica), rendered once at startup
+    with pytest.raises(ConfigError, match=rf"^{re.escape(where)}"):
+        parse_config({"tiers": [{"name": tier, "replicas": [url]}]})

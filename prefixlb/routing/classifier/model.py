@@ -193,14 +193,7 @@ class TierClassifier:
         if len(names) != len(self.tiers):
             raise ValueError(f"model routes among {len(self.tiers)} tiers {self.tiers}, got {len(names)}: "
                              f"{list(names)}")
-        # _forward(prompt), inlined (this runs for every request the classifier decides)
-        net = self._net
-        if net is None:
-            p = self._probs_reference(*self._feat(prompt))
-        else:
-            p = net.probs_text(prompt, self._feat.text_cap)
-            if p is None:
-                p = net.probs(*self._feat(prompt))
+        p = self._forward(prompt)
         k, n, t = 0, len(p), self.threshold
         while k < n and p[k] >= t:
             k += 1
